@@ -1,0 +1,227 @@
+"""Full-dataset objectives: what "loss" and "accuracy" mean everywhere in the toolkit.
+
+An :class:`Objective` bundles ``apply_fn(params, x) -> logits``, a dataset ``(x, y)`` and a loss.
+``loss(params)`` and ``evaluate(params)`` average over *every* example: the data are cut into
+``ceil(n / batch_size)`` fixed-size batches (the last one padded and masked, so each example has
+weight exactly ``1/n``) and reduced with ``lax.scan``. Both are pure functions of ``params``:
+jittable, differentiable and vmappable over a leading params axis.
+
+.. math::  L(\\theta) = \\frac{1}{n} \\sum_{i=1}^{n} \\ell(f_\\theta(x_i), y_i)
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from landscape import Objective
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> obj = Objective(apply_fn, jnp.eye(3), jnp.array([0, 1, 1]), batch_size=2)
+    >>> round(float(obj.evaluate({"w": 10 * jnp.eye(3)})["accuracy"]), 4)
+    0.6667
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from landscape._types import ApplyFn, Array, LossFn, Params
+
+__all__ = ["LOSSES", "Objective"]
+
+
+def _cross_entropy(logits: Array, y: Array) -> Array:
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return optax.softmax_cross_entropy(logits, y)
+
+
+def _mse(out: Array, y: Array) -> Array:
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        y = jax.nn.one_hot(y, out.shape[-1], dtype=out.dtype)
+    err = (out - y.reshape(out.shape)) ** 2
+    return jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
+"""Built-in per-example losses by name."""
+
+
+def _correct(logits: Array, y: Array) -> Array:
+    """Per-example 0/1 correctness; targets are class ids or one-hot / probability rows."""
+    if logits.ndim != 2:
+        return jnp.full(logits.shape[:1], jnp.nan)
+    pred = jnp.argmax(logits, axis=-1)
+    label = y if jnp.issubdtype(y.dtype, jnp.integer) else jnp.argmax(y, axis=-1)
+    return (pred == label).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Objective:
+    """A model's apply function, a dataset and a loss, averaged over the whole dataset.
+
+    Args:
+        apply_fn: ``apply_fn(params, x) -> logits`` for a batch ``x``.
+        x: inputs with a leading example axis.
+        y: targets: integer class ids (cross-entropy, accuracy), one-hot / probability rows, or
+            regression targets for ``"mse"``.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(logits, y) -> (batch,)`` of
+            per-example losses.
+        batch_size: examples per fixed-size batch; the number of batches is static.
+
+    ``Objective`` is a pytree whose leaves are ``x`` and ``y``, so it can be passed through
+    ``jax.jit``; ``apply_fn``, ``loss`` and ``batch_size`` are static.
+    """
+
+    apply_fn: ApplyFn
+    x: Array
+    y: Array
+    loss_name: str | LossFn
+    batch_size: int
+
+    def __init__(
+        self,
+        apply_fn: ApplyFn,
+        x: Any,
+        y: Any,
+        *,
+        loss: str | LossFn = "cross_entropy",
+        batch_size: int = 512,
+    ) -> None:
+        if not callable(apply_fn):
+            msg = f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}"
+            raise TypeError(msg)
+        if isinstance(loss, str) and loss not in LOSSES:
+            msg = f"unknown loss {loss!r}; accepted: {sorted(LOSSES)} or a callable(logits, y)"
+            raise ValueError(msg)
+        if not (isinstance(loss, str) or callable(loss)):
+            msg = f"loss must be one of {sorted(LOSSES)} or a callable, got {type(loss).__name__}"
+            raise TypeError(msg)
+        if not isinstance(x, jax.core.Tracer):
+            x, y = jnp.asarray(x), jnp.asarray(y)
+        if jnp.ndim(x) < 1 or jnp.ndim(y) < 1 or jnp.shape(x)[0] != jnp.shape(y)[0]:
+            msg = (
+                "x and y need a shared leading example axis, got shapes "
+                f"{jnp.shape(x)} and {jnp.shape(y)}"
+            )
+            raise ValueError(msg)
+        if jnp.shape(x)[0] == 0:
+            msg = "the dataset is empty (x has 0 examples)"
+            raise ValueError(msg)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            msg = f"batch_size must be a positive int, got {batch_size!r}"
+            raise ValueError(msg)
+        object.__setattr__(self, "apply_fn", apply_fn)
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
+        object.__setattr__(self, "loss_name", loss)
+        object.__setattr__(self, "batch_size", batch_size)
+
+    # ------------------------------------------------------------------ data layout
+    @property
+    def num_examples(self) -> int:
+        """Number of examples ``n``."""
+        return int(self.x.shape[0])
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """The per-example loss ``loss(logits, y) -> (batch,)``."""
+        return LOSSES[self.loss_name] if isinstance(self.loss_name, str) else self.loss_name
+
+    def replace(self, **changes: Any) -> Objective:
+        """A copy with some of ``apply_fn``, ``x``, ``y``, ``loss``, ``batch_size`` changed."""
+        kw = {
+            "apply_fn": self.apply_fn,
+            "x": self.x,
+            "y": self.y,
+            "loss": self.loss_name,
+            "batch_size": self.batch_size,
+        }
+        kw.update(changes)
+        return Objective(kw.pop("apply_fn"), kw.pop("x"), kw.pop("y"), **kw)
+
+    def batches(self) -> tuple[Array, Array, Array]:
+        """``(xb, yb, mask)`` with shapes ``(B, batch, ...)``; padded rows repeat the last example
+        and carry ``mask = 0``. The batch size is ``min(batch_size, n)``."""
+        n = self.num_examples
+        bs = min(self.batch_size, n)
+        nb = -(-n // bs)
+        pad = nb * bs - n
+
+        def padded(a: Array) -> Array:
+            if pad:
+                a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
+            return a.reshape((nb, bs) + a.shape[1:])
+
+        mask = jnp.arange(nb * bs).reshape(nb, bs) < n
+        return padded(self.x), padded(self.y), mask
+
+    # ------------------------------------------------------------------ reductions
+    def map_batches(self, fn: Callable[[Array, Array, Array], Any]) -> Any:
+        """Sum ``fn(xb, yb, mask)`` over the fixed batches with ``lax.scan`` and return the sums.
+
+        ``fn`` must return a pytree of arrays; the masking of padded rows is ``fn``'s job (use
+        ``mask``). This is the one loop every full-dataset quantity (loss, gradients, HVPs,
+        activation statistics) goes through.
+        """
+        xb, yb, mb = self.batches()
+        first = jax.eval_shape(fn, xb[0], yb[0], mb[0])
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+
+        def body(acc: Any, batch: tuple[Array, Array, Array]) -> tuple[Any, None]:
+            out = fn(*batch)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        total, _ = jax.lax.scan(body, init, (xb, yb, mb))
+        return total
+
+    def _sums(self, params: Params) -> dict[str, Array]:
+        def fn(xb: Array, yb: Array, m: Array) -> dict[str, Array]:
+            logits = self.apply_fn(params, xb)
+            per = self.loss_fn(logits, yb)
+            correct = _correct(logits, yb)
+            acc_t = jnp.promote_types(per.dtype, jnp.float32)
+            return {
+                "loss": jnp.sum(jnp.where(m, per, 0).astype(acc_t)),
+                "accuracy": jnp.sum(jnp.where(m, correct, 0).astype(acc_t)),
+            }
+
+        return self.map_batches(fn)
+
+    def loss(self, params: Params) -> Array:
+        """Mean loss over the whole dataset."""
+        return self._sums(params)["loss"] / self.num_examples
+
+    def evaluate(self, params: Params) -> dict[str, Array]:
+        """``{"loss": mean loss, "accuracy": fraction correct}`` over the whole dataset.
+
+        Accuracy is the argmax match with integer targets (or the argmax of one-hot targets); it is
+        NaN for outputs that are not ``(batch, classes)``.
+        """
+        sums = self._sums(params)
+        return {k: v / self.num_examples for k, v in sums.items()}
+
+    def logits(self, params: Params) -> Array:
+        """Model outputs for every example, in dataset order (computed in the fixed batches)."""
+        xb, _, _ = self.batches()
+        out = jax.lax.map(lambda xs: self.apply_fn(params, xs), xb)
+        return out.reshape((-1,) + out.shape[2:])[: self.num_examples]
+
+
+def _flatten(obj: Objective) -> tuple[tuple[Array, Array], tuple[Any, ...]]:
+    return (obj.x, obj.y), (obj.apply_fn, obj.loss_name, obj.batch_size)
+
+
+def _unflatten(aux: tuple[Any, ...], children: tuple[Array, Array]) -> Objective:
+    obj = object.__new__(Objective)
+    apply_fn, loss_name, batch_size = aux
+    for name, value in zip(
+        ("apply_fn", "x", "y", "loss_name", "batch_size"), (apply_fn, *children, loss_name, batch_size)
+    ):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+jax.tree_util.register_pytree_node(Objective, _flatten, _unflatten)

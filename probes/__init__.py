@@ -1,0 +1,4 @@
+"""probes: measurements of loss-landscape geometry built on :mod:`landscape`.
+
+Probes depend on ``landscape``; ``landscape`` never imports ``probes``.
+"""
