@@ -1,0 +1,185 @@
+"""Loss and accuracy along paths, and loss barriers.
+
+The loss barrier of the survey's Eq. (1) (Frankle et al. 2020; Entezari et al. 2021) between the
+ends of a path ``θ(t)``:
+
+.. math::  B_{\\text{linear}} = \\max_t \\; L(θ(t)) − [(1 − t) L(θ_0) + t L(θ_1)]
+
+measures how far the path rises above the chord between the endpoint losses. The variant used by
+git-re-basin (Ainsworth et al. 2022, arXiv 2209.04836) compares with the endpoints' mean:
+
+.. math::  B_{\\text{mean}} = \\max_t \\; L(θ(t)) − ½ (L(θ_0) + L(θ_1)).
+
+Both are reported for the loss and for the error rate (1 − accuracy). Both maxima include the
+endpoints, so a barrier is never negative.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from landscape import Objective
+    >>> from probes.curves import interpolate
+    >>> obj = Objective(lambda p, x: x @ p["w"], jnp.eye(2), jnp.array([0, 1]))
+    >>> a, b = {"w": 4 * jnp.eye(2)}, {"w": -4 * jnp.eye(2) + 4}
+    >>> r = interpolate(obj, a, b, num=7)
+    >>> round(r.barrier.error, 4)  # both ends misclassify one example; t=2/3 misclassifies both
+    0.3333
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from landscape import tree
+from landscape._types import Array, Params
+from landscape.objective import Objective
+from probes.paths import Path, linear
+
+__all__ = ["BARRIER_DEFINITIONS", "Barrier", "PathResult", "evaluate_path", "interpolate"]
+
+BARRIER_DEFINITIONS = ("linear", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Barrier:
+    """Barrier heights for loss and error under one definition, and where (``t``) they peak."""
+
+    loss: float
+    error: float
+    t_loss: float
+    t_error: float
+    definition: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _barrier(ts: np.ndarray, values: np.ndarray, definition: str) -> tuple[float, float]:
+    if definition == "linear":
+        reference = (1 - ts) * values[0] + ts * values[-1]
+    else:
+        reference = np.full_like(values, 0.5 * (values[0] + values[-1]))
+    excess = values - reference
+    i = int(np.nanargmax(excess))
+    return float(max(excess[i], 0.0)), float(ts[i])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PathResult:
+    """Loss and accuracy of an Objective at points ``ts`` of a path.
+
+    Attributes:
+        ts: the evaluated path parameters, increasing, from 0 to 1 for barriers.
+        loss: mean loss at each ``t``.
+        accuracy: accuracy at each ``t``.
+    """
+
+    ts: Array
+    loss: Array
+    accuracy: Array
+
+    @property
+    def error(self) -> Array:
+        """Error rate ``1 − accuracy`` at each ``t``."""
+        return 1.0 - self.accuracy
+
+    def barrier_for(self, definition: str = "linear") -> Barrier:
+        """Barrier heights (loss and error) under ``definition`` = ``"linear"`` or ``"mean"``."""
+        if definition not in BARRIER_DEFINITIONS:
+            msg = f"unknown barrier definition {definition!r}; accepted: {list(BARRIER_DEFINITIONS)}"
+            raise ValueError(msg)
+        ts = np.asarray(self.ts, dtype=np.float64)
+        if ts.ndim != 1 or ts.size < 2 or not (np.isclose(ts[0], 0.0) and np.isclose(ts[-1], 1.0)):
+            msg = f"a barrier needs ts running from 0 to 1, got {ts.size} points from {ts[:1]} to {ts[-1:]}"
+            raise ValueError(msg)
+        loss = np.asarray(self.loss, dtype=np.float64)
+        err = 1.0 - np.asarray(self.accuracy, dtype=np.float64)
+        bl, tl = _barrier(ts, loss, definition)
+        be, te = _barrier(ts, err, definition)
+        return Barrier(loss=bl, error=be, t_loss=tl, t_error=te, definition=definition)
+
+    @property
+    def barrier(self) -> Barrier:
+        """Barrier heights under the survey's Eq. (1) (chord between the endpoint values)."""
+        return self.barrier_for("linear")
+
+    @property
+    def midpoint(self) -> dict[str, float]:
+        """Loss and accuracy at the evaluated ``t`` closest to ½."""
+        i = int(np.argmin(np.abs(np.asarray(self.ts) - 0.5)))
+        return {"t": float(self.ts[i]), "loss": float(self.loss[i]), "accuracy": float(self.accuracy[i])}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary: the curves, both barrier definitions, the midpoint."""
+        out: dict[str, Any] = {
+            "ts": np.asarray(self.ts).tolist(),
+            "loss": np.asarray(self.loss).tolist(),
+            "accuracy": np.asarray(self.accuracy).tolist(),
+            "midpoint": self.midpoint,
+        }
+        try:
+            out["barrier"] = {d: self.barrier_for(d).to_dict() for d in BARRIER_DEFINITIONS}
+        except ValueError:
+            out["barrier"] = None
+        return out
+
+    def plot(self, *, title: str | None = None, name: str = "path") -> Any:
+        """Interactive plotly figure of loss and error along the path, with the chord."""
+        from probes.plot import path_figure
+
+        return path_figure([(name, self)], title=title)
+
+
+def _check_ts(ts: Array) -> Array:
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1 or ts.shape[0] == 0:
+        msg = f"ts must be a non-empty 1-D array of path parameters, got shape {ts.shape}"
+        raise ValueError(msg)
+    return ts
+
+
+def evaluate_path(objective: Objective, path: Path, ts: Array, *, chunk: int | None = None) -> PathResult:
+    """Evaluate ``objective`` at ``path(t)`` for every ``t`` in ``ts``.
+
+    Points are evaluated with ``lax.map`` over chunks of ``chunk`` points, ``jax.vmap`` inside each
+    chunk (``chunk=None`` vmaps all points at once; ``chunk=1`` is sequential — the smallest memory).
+    Jittable; no recompilation for new values of ``ts`` of the same length.
+    """
+    ts = _check_ts(ts)
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        msg = f"chunk must be a positive int or None, got {chunk!r}"
+        raise ValueError(msg)
+
+    def at(t: Array) -> tuple[Array, Array]:
+        out = objective.evaluate(path(t))
+        return out["loss"], out["accuracy"]
+
+    batch = ts.shape[0] if chunk is None else min(chunk, ts.shape[0])
+    loss, acc = jax.lax.map(at, ts, batch_size=batch)
+    return PathResult(ts=ts, loss=loss, accuracy=acc)
+
+
+def interpolate(
+    objective: Objective, a: Params, b: Params, *, num: int = 25, chunk: int | None = 5
+) -> PathResult:
+    """Loss and accuracy on the straight line from ``a`` to ``b`` at ``num`` evenly spaced ``t``.
+
+    Args:
+        objective: the dataset and loss ("loss" is always the full-dataset mean).
+        a, b: matching params (ValueError naming the first differing key path otherwise).
+        num: number of points including both ends (git-re-basin uses 25, Frankle et al. 30).
+        chunk: points evaluated together (vmapped) per sequential step; bounds memory.
+
+    Returns:
+        A :class:`PathResult`; ``.barrier`` gives Eq. (1) for loss and error.
+    """
+    tree.check_match(a, b)
+    if not isinstance(num, int) or num < 2:
+        msg = f"num must be an int >= 2 (both endpoints are included), got {num!r}"
+        raise ValueError(msg)
+    ts = jnp.linspace(0.0, 1.0, num)
+    return evaluate_path(objective, linear(a, b), ts, chunk=chunk)

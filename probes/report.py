@@ -1,0 +1,333 @@
+"""Batch geometry reports: ``landscape report [CONFIG.toml] --out DIR``.
+
+A report trains (or loads from its checkpoint cache) a small model zoo, runs every probe section
+on it and writes
+
+* ``DIR/index.html`` — one self-contained page (plotly.js embedded once; opens offline);
+* ``DIR/results.json`` — every number behind the page, with ``schema_version`` (see
+  ``docs/report-schema.md``);
+* ``DIR/checkpoints/`` — safetensors files named by model, seeds and a digest of the settings that
+  produced them, so a rerun with the same settings loads instead of training.
+
+Sections are functions ``section(ctx) -> Section``; each is timed and recorded. The config is
+validated in full (file, then dataset and model construction) before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import html
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from landscape import Objective, io, models
+from landscape import data as data_lib
+from landscape.train import TrainResult, Trainer, make_optimizer
+from probes.config import ReportConfig
+from probes.curves import PathResult, interpolate
+from probes.plot import COLORS, figure_html, path_figure
+
+__all__ = ["SCHEMA_VERSION", "Context", "Section", "TrainedModel", "run_report"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """One zoo member: its seeds, parameters, model state and where it came from."""
+
+    index: int
+    init_seed: int
+    data_seed: int
+    params: Any
+    state: Any
+    checkpoint: str
+    cached: bool
+    train_seconds: float
+    losses: np.ndarray
+
+
+@dataclasses.dataclass
+class Context:
+    """What every section sees: the config, data, the functional model and the trained zoo."""
+
+    config: ReportConfig
+    out: Path
+    dataset: Any
+    apply_fn: Any
+    train_objective: Objective
+    test_objective: Objective
+    models: list[TrainedModel]
+    key: jax.Array
+    log: Callable[[str], None]
+
+    def objective(self, split: str, member: TrainedModel | None = None) -> Objective:
+        """The train or test Objective, bound to ``member``'s model state when it has one."""
+        obj = self.train_objective if split == "train" else self.test_objective
+        if member is not None and member.state and hasattr(self.apply_fn, "with_state"):
+            obj = obj.replace(apply_fn=self.apply_fn.with_state(member.state))
+        return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A rendered report section: anchor id, title, HTML body and its JSON results."""
+
+    id: str
+    title: str
+    body: str
+    results: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- setup
+def _model_kwargs(config: ReportConfig, dataset: Any) -> dict[str, Any]:
+    opts = dict(config.model.options)
+    shape = tuple(dataset.input_shape)
+    if config.model.name == "mlp":
+        hidden = list(opts.pop("widths", [128, 128]))
+        return {"in_features": int(math.prod(shape)), "widths": (*hidden, dataset.num_classes), **opts}
+    return {"in_channels": int(shape[-1]), "num_classes": dataset.num_classes, **opts}
+
+
+def _load_dataset(config: ReportConfig) -> Any:
+    opts = dict(config.data.options)
+    if config.model.name in ("cnn", "resnet") and config.data.name == "digits":
+        opts.setdefault("image", True)
+    return data_lib.load(config.data.name, **opts)
+
+
+def _prepare(config: ReportConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the data and build one model: every config error surfaces here, before training."""
+    dataset = _load_dataset(config)
+    kwargs = _model_kwargs(config, dataset)
+    model = models.build(config.model.name, jax.random.key(0), **kwargs)
+    apply_fn, _, _ = models.functional(model)
+    return dataset, apply_fn, kwargs
+
+
+def _seeds(config: ReportConfig, i: int) -> tuple[int, int]:
+    """Model ``i`` uses init seed ``seed + i`` and data-order seed ``seed + 1000 + i``."""
+    return config.seed + i, config.seed + 1000 + i
+
+
+def _train_member(
+    ctx_parts: dict[str, Any], config: ReportConfig, i: int, ckpt_dir: Path, log: Callable[[str], None]
+) -> TrainedModel:
+    dataset, kwargs = ctx_parts["dataset"], ctx_parts["kwargs"]
+    init_seed, data_seed = _seeds(config, i)
+    digest = config.digest("data", "model", "train")
+    path = ckpt_dir / f"{config.model.name}-{config.data.name}-init{init_seed}-data{data_seed}-{digest}.safetensors"
+    model = models.build(config.model.name, jax.random.key(init_seed), **kwargs)
+    apply_fn, params, state = models.functional(model)
+    template = {"params": params, "state": state}
+    if path.is_file():
+        stored, meta = io.load(path, like=template)
+        log(f"model {i}: loaded {path.name}")
+        losses = np.asarray(json.loads(meta.get("losses", "[]")), dtype=np.float32)
+        return TrainedModel(i, init_seed, data_seed, stored["params"], stored["state"], str(path), True,
+                            float(meta.get("train_seconds", 0.0)), losses)
+    tc = config.train
+    x, y = dataset.train
+    optimizer = make_optimizer(
+        tc.optimizer, learning_rate=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay,
+        schedule=tc.schedule, total_steps=tc.epochs * (len(x) // tc.batch_size),
+    )
+    trainer = Trainer(apply_fn, x, y, optimizer=optimizer, batch_size=tc.batch_size)
+    t0 = time.perf_counter()
+    result: TrainResult = trainer.run(jax.random.key(data_seed), trainer.init(params, state), epochs=tc.epochs,
+                                      progress=None)
+    jax.block_until_ready(result.params)
+    seconds = time.perf_counter() - t0
+    spe = trainer.steps_per_epoch
+    epoch_losses = result.losses.reshape(tc.epochs, spe).mean(axis=1)
+    meta = {
+        "model": config.model.name, "dataset": config.data.name, "init_seed": init_seed, "data_seed": data_seed,
+        "config": json.dumps(config.to_dict(), sort_keys=True), "train_seconds": seconds,
+        "losses": json.dumps([round(float(v), 6) for v in epoch_losses]),
+    }
+    io.save(path, {"params": result.params, "state": result.state.model_state}, metadata=meta)
+    log(f"model {i}: trained {tc.epochs} epochs in {seconds:.1f}s -> {path.name}")
+    return TrainedModel(i, init_seed, data_seed, result.params, result.state.model_state, str(path), False,
+                        seconds, epoch_losses.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------- sections
+def _fmt(v: float, digits: int = 4) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def models_section(ctx: Context) -> Section:
+    """Each member's seeds, train/test loss and accuracy, and its training curve."""
+    import plotly.graph_objects as go
+
+    rows, results = [], []
+    fig = go.Figure()
+    for m in ctx.models:
+        tr = {k: float(v) for k, v in ctx.objective("train", m).evaluate(m.params).items()}
+        te = {k: float(v) for k, v in ctx.objective("test", m).evaluate(m.params).items()}
+        rows.append([m.index, m.init_seed, m.data_seed, tr["loss"], tr["accuracy"], te["loss"], te["accuracy"],
+                     round(m.train_seconds, 2), "cache" if m.cached else "trained"])
+        results.append({"index": m.index, "init_seed": m.init_seed, "data_seed": m.data_seed, "train": tr,
+                        "test": te, "train_seconds": m.train_seconds, "cached": m.cached,
+                        "checkpoint": os.path.relpath(m.checkpoint, ctx.out)})
+        if m.losses.size:
+            fig.add_trace(go.Scatter(x=np.arange(1, m.losses.size + 1), y=m.losses, mode="lines",
+                                     name=f"model {m.index}", line={"color": COLORS[m.index % len(COLORS)]}))
+    fig.update_layout(template="plotly_white", title="training loss (epoch mean of minibatch losses)",
+                      xaxis_title="epoch", yaxis_title="loss", yaxis_type="log", height=360)
+    header = ["model", "init seed", "data seed", "train loss", "train acc", "test loss", "test acc",
+              "train s", "source"]
+    body = _table(header, rows) + figure_html(fig)
+    return Section("models", "Models", body, {"members": results})
+
+
+def interpolation_section(ctx: Context) -> Section:
+    """Linear interpolation between the first two members on the train and test sets."""
+    a, b = ctx.models[0], ctx.models[1]
+    cfg = ctx.config.interpolation
+    out: dict[str, Any] = {"between": [a.index, b.index]}
+    curves: list[tuple[str, PathResult]] = []
+    rows = []
+    for split in ("train", "test"):
+        res = interpolate(ctx.objective(split, a), a.params, b.params, num=cfg.num, chunk=cfg.chunk)
+        out[split] = res.to_dict()
+        curves.append((split, res))
+        for d in ("linear", "mean"):
+            bar = res.barrier_for(d)
+            rows.append([split, d, bar.loss, bar.t_loss, bar.error, bar.t_error, res.midpoint["accuracy"]])
+    note = ""
+    if a.state:
+        note = ("<p class='note'>BatchNorm statistics are those of the first endpoint along the whole path "
+                "(no RESET).</p>")
+    fig = path_figure(curves, title=f"linear path from model {a.index} to model {b.index}")
+    header = ["split", "definition", "loss barrier", "t (loss)", "error barrier", "t (error)", "acc at t=½"]
+    intro = ("<p>Barrier (survey Eq. 1): <code>max_t L(θ(t)) − ((1−t)L(θ0) + tL(θ1))</code> "
+             "(\"linear\"); \"mean\" compares with ½(L(θ0)+L(θ1)) as git-re-basin does. Training-set "
+             "barriers come first: over-confident models can hide a barrier in the test loss.</p>")
+    return Section("interpolation", "Linear interpolation", intro + _table(header, rows) + note + figure_html(fig), out)
+
+
+SECTIONS: tuple[tuple[str, Callable[[Context], Section]], ...] = (
+    ("models", models_section),
+    ("interpolation", interpolation_section),
+)
+
+
+# ---------------------------------------------------------------------------- page
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em} td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
+th{background:#f5f5f5} .meta{color:#666;font-size:.9em} .note{color:#8a6d3b} nav a{margin-right:1em}
+code{background:#f5f5f5;padding:0 .2em}
+"""
+
+
+def _page(config: ReportConfig, sections: list[Section], meta: dict[str, Any]) -> str:
+    from plotly.offline import get_plotlyjs
+
+    nav = "".join(f"<a href='#{s.id}'>{html.escape(s.title)}</a>" for s in sections)
+    body = "".join(f"<section id='{s.id}'><h2>{html.escape(s.title)}</h2>{s.body}</section>" for s in sections)
+    cfg = html.escape(json.dumps(config.to_dict(), indent=1, sort_keys=True))
+    info = (f"config: {html.escape(config.source)} · generated {meta['generated']} · "
+            f"jax {meta['jax']} on {html.escape(meta['device'])} · total {meta['total_seconds']:.1f}s")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>landscape report</title><style>{_CSS}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+        f"<h1>landscape geometry report</h1><p class='meta'>{info}</p><nav>{nav}</nav>{body}"
+        f"<h2>Configuration</h2><pre>{cfg}</pre></body></html>"
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_report(
+    config: ReportConfig,
+    out: str | Path,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train or load the zoo, run every section, write ``index.html`` and ``results.json``.
+
+    Returns the results dictionary that was written to ``results.json``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        msg = f"--out {str(out)!r} exists and is not a directory"
+        raise ValueError(msg)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    dataset, apply_fn, kwargs = _prepare(config)
+    timings["setup"] = time.perf_counter() - t0
+
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    parts = {"dataset": dataset, "kwargs": kwargs}
+    members = [_train_member(parts, config, i, ckpt_dir, log) for i in range(config.num_models)]
+    timings["train"] = time.perf_counter() - t0
+
+    xt, yt = dataset.train
+    xs, ys = dataset.test
+    ctx = Context(
+        config=config, out=out, dataset=dataset, apply_fn=apply_fn,
+        train_objective=Objective(apply_fn, xt, yt, batch_size=512),
+        test_objective=Objective(apply_fn, xs, ys, batch_size=512),
+        models=members, key=jax.random.key(config.seed), log=log,
+    )
+    sections: list[Section] = []
+    for name, fn in SECTIONS:
+        t0 = time.perf_counter()
+        sections.append(fn(ctx))
+        timings[name] = time.perf_counter() - t0
+        log(f"section {name}: {timings[name]:.1f}s")
+    timings["total"] = time.perf_counter() - t_start
+
+    meta = {
+        "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+        "total_seconds": timings["total"],
+    }
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "meta": meta,
+        "config": config.to_dict(),
+        "dataset": dataset.to_dict() if hasattr(dataset, "to_dict") else {"name": config.data.name},
+        "sections": {s.id: s.results for s in sections},
+        "timings": timings,
+    }
+    _write_atomic(out / "results.json", json.dumps(results, indent=1, sort_keys=True, default=_json_default))
+    _write_atomic(out / "index.html", _page(config, sections, meta))
+    log(f"wrote {out / 'index.html'} and {out / 'results.json'} in {timings['total']:.1f}s")
+    return results
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.generic, np.ndarray)) or hasattr(obj, "__array__"):
+        return np.asarray(obj).tolist()
+    msg = f"not JSON serialisable: {type(obj).__name__}"
+    raise TypeError(msg)
