@@ -290,7 +290,10 @@ class Trainer:
         ts = state
         bar = tqdm(total=until - state.step, disable=(not progress) if progress is not None else None, desc="train")
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            new, seg_loss, seg_acc = self._segment(ts, key, jnp.asarray(lo), self.x, self.y, length=hi - lo)
+            # the step is static in TrainState: pass 0 so one compilation serves every segment
+            new, seg_loss, seg_acc = self._segment(
+                dataclasses.replace(ts, step=0), key, jnp.asarray(lo), self.x, self.y, length=hi - lo
+            )
             ts = dataclasses.replace(new, step=hi)
             losses.append(np.asarray(seg_loss))
             accs.append(np.asarray(seg_acc))

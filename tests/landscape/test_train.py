@@ -102,3 +102,10 @@ def test_cyclic_schedule_restarts():
     np.testing.assert_allclose(lrs[:4], lrs[4:], rtol=1e-6)
     np.testing.assert_allclose(lrs[0], 1.0)
     assert lrs[0] > lrs[1] > lrs[2] > lrs[3]
+
+
+def test_one_compilation_serves_every_epoch(problem):
+    x, y, params = problem
+    trainer = Trainer(linear, x, y, optimizer=optax.sgd(0.1), batch_size=16)
+    trainer.run(jax.random.key(0), trainer.init(params), epochs=4)
+    assert trainer._segment._cache_size() == 1

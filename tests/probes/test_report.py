@@ -1,0 +1,65 @@
+"""The report end to end on a tiny config: files, schema, cache reuse, errors before work."""
+
+import json
+import re
+
+import pytest
+
+from probes.cli import main
+from probes.config import parse_config
+from probes.report import SCHEMA_VERSION, run_report
+
+TINY = {"seed": 0, "model": {"name": "mlp", "widths": [16]}, "train": {"epochs": 2}, "interpolation": {"num": 5}}
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    logs = []
+    results = run_report(parse_config(TINY), out, log=logs.append)
+    return out, results, logs
+
+
+def test_writes_self_contained_html_and_versioned_json(tiny_report):
+    out, results, _ = tiny_report
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in page
+    assert not re.findall(r"<script[^>]*\bsrc=", page)  # plotly.js is inlined: opens offline
+    assert "Linear interpolation" in page
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["schema_version"] == SCHEMA_VERSION
+    assert stored["config"]["train"]["epochs"] == 2
+    members = stored["sections"]["models"]["members"]
+    assert [m["init_seed"] for m in members] == [0, 1] and members[0]["data_seed"] != members[1]["data_seed"]
+    interp = stored["sections"]["interpolation"]
+    for split in ("train", "test"):
+        assert len(interp[split]["ts"]) == 5
+        assert interp[split]["barrier"]["linear"]["loss"] >= 0
+        # the endpoints of the path are the trained models
+        assert interp[split]["accuracy"][0] == pytest.approx(members[0][split]["accuracy"], abs=1e-6)
+        assert interp[split]["accuracy"][-1] == pytest.approx(members[1][split]["accuracy"], abs=1e-6)
+    assert set(stored["timings"]) >= {"train", "models", "interpolation", "total"}
+
+
+def test_rerun_loads_checkpoints(tiny_report):
+    out, first, _ = tiny_report
+    logs = []
+    again = run_report(parse_config(TINY), out, log=logs.append)
+    assert all(m["cached"] for m in again["sections"]["models"]["members"])
+    assert sum("loaded" in line for line in logs) == 2
+    assert again["sections"]["interpolation"]["test"]["loss"] == first["sections"]["interpolation"]["test"]["loss"]
+    assert len(list((out / "checkpoints").glob("*.safetensors"))) == 2
+
+
+def test_cli_errors_before_any_work(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[train]\nepochs = 2\nlr = 0.1\n")
+    out = tmp_path / "out"
+    assert main(["report", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "train.lr: unknown key" in capsys.readouterr().err
+    assert not out.exists()
+    cfg.write_text("[model]\nname = 'transformer'\n")
+    assert main(["report", str(cfg), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "transformer" in err and "mlp" in err
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
