@@ -27,18 +27,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from landscape import tree
 from landscape._types import Array, Params
 from landscape.objective import Objective
 from probes.paths import Path, linear
 
-__all__ = ["BARRIER_DEFINITIONS", "Barrier", "PathResult", "evaluate_path", "interpolate"]
+__all__ = ["BARRIER_DEFINITIONS", "CURVE_KINDS", "Barrier", "CurveFit", "PathResult", "evaluate_path", "fit_curve", "interpolate"]
 
 BARRIER_DEFINITIONS = ("linear", "mean")
 
@@ -183,3 +185,148 @@ def interpolate(
         raise ValueError(msg)
     ts = jnp.linspace(0.0, 1.0, num)
     return evaluate_path(objective, linear(a, b), ts, chunk=chunk)
+
+
+# ---------------------------------------------------------------------------- fitted curves
+CURVE_KINDS = ("bezier", "polychain")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveFit:
+    """A fitted mode-connecting curve.
+
+    Attributes:
+        kind: ``"bezier"`` or ``"polychain"``.
+        points: control points stacked along a leading axis (endpoints first and last).
+        result: the curve evaluated at evenly spaced ``t`` on the fitting Objective.
+        losses: training loss at the sampled ``t`` of every optimisation step.
+        ts_sampled: the ``t`` drawn at every step.
+    """
+
+    kind: str
+    points: Params
+    result: PathResult
+    losses: np.ndarray
+    ts_sampled: np.ndarray
+
+    @property
+    def path(self) -> Path:
+        """The curve as a function ``t -> params``."""
+        from probes import paths
+
+        return paths.bezier(self.points) if self.kind == "bezier" else paths.polychain(self.points)
+
+    @property
+    def bends(self) -> list[Params]:
+        """The inner control points."""
+        return tree.unstack(self.points)[1:-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_bends": len(self.bends), "result": self.result.to_dict(),
+                "final_train_loss": float(np.mean(self.losses[-max(1, len(self.losses) // 10):]))}
+
+    def plot(self, **kwargs: Any) -> Any:
+        return self.result.plot(name=self.kind, **kwargs)
+
+
+def _train_forward(apply_fn: Any, params: Params, x: Array) -> Array:
+    train_apply = getattr(apply_fn, "apply_train", None)
+    if train_apply is not None and getattr(apply_fn, "state", None):
+        return train_apply(params, apply_fn.state, x)[0]  # BatchNorm: batch statistics while fitting
+    return apply_fn(params, x)
+
+
+def fit_curve(
+    key: jax.Array,
+    objective: Objective,
+    a: Params,
+    b: Params,
+    *,
+    kind: str = "bezier",
+    bends: int = 1,
+    steps: int = 1000,
+    batch_size: int = 128,
+    learning_rate: float = 1e-2,
+    weight_decay: float = 0.0,
+    init: Sequence[Params] | None = None,
+    num_eval: int = 25,
+    eval_objective: Objective | None = None,
+) -> CurveFit:
+    """Fit a Bezier curve or polygonal chain between fixed endpoints (Garipov et al. 2018, arXiv 1802.10026).
+
+    The bends ``θ_1..θ_m`` are initialised on the segment (``θ_i = lerp(a, b, i/(m+1))``) unless
+    ``init`` gives them, and trained with Adam on
+
+    .. math::  E_{t \\sim U(0,1)} \\; L_{\\text{batch}}(θ(t)) + \\tfrac{w}{2} \\|θ(t)\\|^2,
+
+    one ``t`` and one minibatch per step, as in the reference code. Nothing about the model's layers
+    is rewritten: the curve is a function ``t -> params`` and any params pytree works. Models with
+    BatchNorm (``apply_fn.apply_train``) use batch statistics while fitting.
+
+    Args:
+        key: randomness for ``t`` and the minibatches.
+        objective: training data, model and loss.
+        a, b: the fixed endpoints (matching params).
+        kind: ``"bezier"`` (Bernstein basis, degree ``bends + 1``) or ``"polychain"``.
+        bends: number of inner control points (Garipov's ``num_bends=3`` counts the endpoints: 1 bend).
+        steps, batch_size, learning_rate, weight_decay: optimisation settings.
+        init: optional initial bends (a sequence of ``bends`` matching params), e.g. from alignment.
+        num_eval: evenly spaced ``t`` at which the fitted curve is evaluated.
+        eval_objective: Objective for that evaluation (default: ``objective``).
+
+    Returns:
+        :class:`CurveFit` with the control points, the evaluated curve and the training trace.
+    """
+    from probes import paths
+
+    tree.check_match(a, b)
+    if kind not in CURVE_KINDS:
+        msg = f"unknown curve kind {kind!r}; accepted: {list(CURVE_KINDS)}"
+        raise ValueError(msg)
+    if not isinstance(bends, int) or bends < 1:
+        msg = f"bends must be an int >= 1, got {bends!r}"
+        raise ValueError(msg)
+    if not isinstance(steps, int) or steps < 1:
+        msg = f"steps must be an int >= 1, got {steps!r}"
+        raise ValueError(msg)
+    n = objective.num_examples
+    bs = min(batch_size, n)
+    if init is None:
+        inner = [tree.lerp(a, b, (i + 1) / (bends + 1)) for i in range(bends)]
+    else:
+        inner = list(init)
+        if len(inner) != bends:
+            msg = f"init gives {len(inner)} bends, expected bends={bends}"
+            raise ValueError(msg)
+        for i, p in enumerate(inner):
+            tree.check_match(a, p, names=("a", f"init[{i}]"))
+    make = paths.bezier if kind == "bezier" else paths.polychain
+    loss_fn = objective.loss_fn
+    opt = optax.adam(learning_rate)
+
+    def curve_loss(inner_stacked: Params, t: Array, xb: Array, yb: Array) -> Array:
+        pts = jax.tree.map(lambda x0, m, x1: jnp.concatenate([x0[None], m, x1[None]]), a, inner_stacked, b)
+        theta = make(pts)(t)
+        logits = _train_forward(objective.apply_fn, theta, xb)
+        reg = 0.5 * weight_decay * tree.vdot(theta, theta) if weight_decay else 0.0
+        return jnp.mean(loss_fn(logits, yb)) + reg
+
+    @jax.jit
+    def run(inner_stacked: Params, key: jax.Array, x: Array, y: Array) -> tuple[Params, Array, Array]:
+        def step(carry: tuple[Params, Any], i: Array) -> tuple[tuple[Params, Any], tuple[Array, Array]]:
+            params, ostate = carry
+            kt, kb = jax.random.split(jax.random.fold_in(key, i))
+            t = jax.random.uniform(kt)
+            idx = jax.random.choice(kb, n, (bs,), replace=False)
+            loss, grads = jax.value_and_grad(curve_loss)(params, t, x[idx], y[idx])
+            updates, ostate = opt.update(grads, ostate, params)
+            return (optax.apply_updates(params, updates), ostate), (loss, t)
+
+        (params, _), (losses, ts) = jax.lax.scan(step, (inner_stacked, opt.init(inner_stacked)), jnp.arange(steps))
+        return params, losses, ts
+
+    trained, losses, ts = run(tree.stack(inner), key, objective.x, objective.y)
+    points = jax.tree.map(lambda x0, m, x1: jnp.concatenate([x0[None], m, x1[None]]), a, trained, b)
+    ev = eval_objective if eval_objective is not None else objective
+    result = evaluate_path(ev, make(points), jnp.linspace(0.0, 1.0, num_eval), chunk=5)
+    return CurveFit(kind, points, result, np.asarray(losses), np.asarray(ts))

@@ -44,3 +44,15 @@ def test_independent_models_have_a_naive_barrier(trained):
     res = interpolate(Objective(apply_fn, *ds.train), a, b, num=11)
     assert res.barrier.loss > 0.05  # independent solutions are not linearly connected
     assert res.loss[5] > max(res.loss[0], res.loss[-1])
+
+
+def test_fitted_bezier_curve_beats_the_straight_line(trained):
+    from probes.curves import fit_curve
+
+    ds, apply_fn, a, b = trained
+    train = Objective(apply_fn, *ds.train)
+    line = interpolate(train, a, b, num=11)
+    curve = fit_curve(jax.random.key(0), train, a, b, kind="bezier", steps=300, learning_rate=1e-3, num_eval=11)
+    assert curve.result.barrier.loss < 0.5 * line.barrier.loss
+    assert float(curve.result.loss[0]) == pytest.approx(float(line.loss[0]), rel=1e-5)  # endpoints fixed
+    assert float(curve.result.loss[-1]) == pytest.approx(float(line.loss[-1]), rel=1e-5)

@@ -97,3 +97,26 @@ def test_plot_and_bad_input(setup):
         interpolate(obj, a, {"w1": jnp.zeros((3, 5)), "w2": jnp.ones((4, 2))})
     with pytest.raises(ValueError, match="non-empty 1-D"):
         evaluate_path(obj, paths.linear(a, b), jnp.zeros((0,)))
+
+
+def test_fit_curve_keeps_endpoints_and_lowers_loss(setup):
+    from probes.curves import fit_curve
+
+    obj, a, b = setup
+    for kind in ("bezier", "polychain"):
+        fit = fit_curve(jax.random.key(1), obj, a, b, kind=kind, bends=2, steps=60, batch_size=16,
+                        learning_rate=0.05, num_eval=7)
+        pts = fit.points
+        np.testing.assert_array_equal(pts["w1"][0], a["w1"])
+        np.testing.assert_array_equal(pts["w1"][-1], b["w1"])
+        assert len(fit.bends) == 2 and fit.losses.shape == (60,) and fit.ts_sampled.shape == (60,)
+        assert 0 <= fit.ts_sampled.min() and fit.ts_sampled.max() <= 1
+        line = interpolate(obj, a, b, num=7)
+        assert float(jnp.mean(fit.result.loss[1:-1])) < float(jnp.mean(line.loss[1:-1])) - 0.01
+    again = fit_curve(jax.random.key(1), obj, a, b, kind="polychain", bends=2, steps=60, batch_size=16,
+                      learning_rate=0.05, num_eval=7)
+    np.testing.assert_array_equal(again.losses, fit.losses)  # deterministic for a key
+    with pytest.raises(ValueError, match="unknown curve kind 'spline'"):
+        fit_curve(jax.random.key(0), obj, a, b, kind="spline")
+    with pytest.raises(ValueError, match="init gives 1 bends"):
+        fit_curve(jax.random.key(0), obj, a, b, bends=2, init=[a])

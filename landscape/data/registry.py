@@ -1,0 +1,79 @@
+"""Config-driven access to the datasets by name: ``load("digits", test_fraction=0.2)``.
+
+Example:
+    >>> from landscape import data
+    >>> data.load("moons", seed=3, num_samples=100).num_classes
+    2
+    >>> sorted(data.DATASETS)
+    ['blobs', 'digits', 'mnist1d', 'moons']
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from landscape.data.dataset import Dataset
+from landscape.data.standard import digits, mnist1d
+from landscape.data.synthetic import blobs, moons
+
+__all__ = ["DATASETS", "load"]
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": digits,
+    "mnist1d": mnist1d,
+    "blobs": blobs,
+    "moons": moons,
+}
+"""Dataset name -> constructor."""
+
+_KEYED = ("blobs", "moons")
+
+
+def load(name: str, **kwargs: Any) -> Dataset:
+    """Build the dataset called ``name`` with keyword settings (as read from a config file).
+
+    The synthetic sets (``"blobs"``, ``"moons"``) need randomness: pass either ``key=`` (a typed
+    PRNG key) or ``seed=`` (an integer, default 0, turned into ``jax.random.key(seed)``).
+
+    Args:
+        name: One of ``"digits"``, ``"mnist1d"``, ``"blobs"``, ``"moons"``.
+        **kwargs: Keyword settings of that constructor.
+
+    Returns:
+        The dataset.
+
+    Raises:
+        ValueError: On an unknown name or keyword (the message lists the accepted ones).
+    """
+    if name not in DATASETS:
+        msg = f"unknown dataset {name!r}; accepted names: {sorted(DATASETS)}"
+        raise ValueError(msg)
+    fn = DATASETS[name]
+    accepted = [
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    if name in _KEYED:
+        accepted = ["key", "seed", *accepted]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        msg = f"unknown setting(s) {unknown} for dataset {name!r}; accepted: {accepted}"
+        raise ValueError(msg)
+    if name not in _KEYED:
+        return fn(**kwargs)
+    kwargs = dict(kwargs)
+    key, seed = kwargs.pop("key", None), kwargs.pop("seed", None)
+    if key is not None and seed is not None:
+        msg = f"dataset {name!r}: pass either key= or seed=, not both"
+        raise ValueError(msg)
+    if key is None:
+        seed = 0 if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            msg = f"dataset {name!r}: seed must be an integer, got {seed!r}"
+            raise ValueError(msg)
+        key = jax.random.key(int(seed))
+    return fn(key, **kwargs)
