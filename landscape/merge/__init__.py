@@ -1,0 +1,71 @@
+"""Merging methods as pure pytree transforms.
+
+Models first, settings keyword-only; ``finetuned``/``models`` is a list of matching params trees or
+one stacked tree (leading model axis). Numeric settings (``lam``, ``density``, ``t``, ``drop``,
+``weights``) may be traced, so a sweep is one ``jax.vmap``. Methods that need data take an
+Objective (``greedy_soup``, ``adamerging``, ``zipit``) or statistics from a separate function
+(``fisher_diagonal`` -> ``fisher_average``, ``gram_matrices`` -> ``regmean``, ``kfac_fisher`` ->
+``mats``). ``METHODS`` maps names to methods with their paper and variant; docs/merging.md is the
+catalogue.
+"""
+
+from landscape.merge import sparsify
+from landscape.merge.adamerging import AdaMergingResult, adamerging
+from landscape.merge.averaging import (
+    GreedySoupResult,
+    average,
+    greedy_soup,
+    model_stock,
+    slerp,
+    swa,
+    swa_update,
+)
+from landscape.merge.catalogue import METHODS, Method
+from landscape.merge.fisher import fisher_average, fisher_diagonal
+from landscape.merge.mats import KroneckerFactors, kfac_fisher, mats
+from landscape.merge.regmean import gram_matrices, regmean
+from landscape.merge.task_vectors import (
+    breadcrumbs,
+    combine_task_vectors,
+    dare,
+    della,
+    stacked_task_vectors,
+    task_arithmetic,
+    task_vector,
+    ties,
+)
+from landscape.merge.zipit import ZipItResult, feature_correlations, zipit, zipit_matching
+
+__all__ = [
+    "METHODS",
+    "AdaMergingResult",
+    "GreedySoupResult",
+    "KroneckerFactors",
+    "Method",
+    "adamerging",
+    "average",
+    "breadcrumbs",
+    "combine_task_vectors",
+    "dare",
+    "della",
+    "fisher_average",
+    "fisher_diagonal",
+    "gram_matrices",
+    "greedy_soup",
+    "kfac_fisher",
+    "mats",
+    "model_stock",
+    "regmean",
+    "slerp",
+    "sparsify",
+    "stacked_task_vectors",
+    "swa",
+    "swa_update",
+    "task_arithmetic",
+    "task_vector",
+    "ties",
+    "ZipItResult",
+    "feature_correlations",
+    "zipit",
+    "zipit_matching",
+]

@@ -1,0 +1,39 @@
+"""The model zoo (Flax NNX) and the bridge to pure pytrees.
+
+Models: :class:`MLP`, :class:`CNN` (VGG-style), :class:`ResNet`, each exporting its
+:class:`~landscape.align.PermutationSpec`. :func:`functional` turns any NNX module into
+``(apply_fn, params, state)`` so the rest of the toolkit sees only pytrees; :func:`build` makes a
+model from a name and a key for config-driven use.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from landscape import models
+    >>> apply_fn, params, state = models.functional(
+    ...     models.build("cnn", jax.random.key(0), in_channels=1, num_classes=10, widths=(8, 16)))
+    >>> apply_fn(params, jnp.zeros((4, 8, 8, 1))).shape
+    (4, 10)
+    >>> apply_fn.spec.names
+    ('P_0', 'P_1')
+"""
+
+from landscape.models.base import NORMS, Taps, ZooModel
+from landscape.models.cnn import CNN
+from landscape.models.functional import INTERMEDIATE_KINDS, FunctionalModel, functional
+from landscape.models.mlp import MLP
+from landscape.models.registry import MODELS, build, permutation_spec
+from landscape.models.resnet import ResNet
+
+__all__ = [
+    "CNN",
+    "INTERMEDIATE_KINDS",
+    "MLP",
+    "MODELS",
+    "NORMS",
+    "FunctionalModel",
+    "ResNet",
+    "Taps",
+    "ZooModel",
+    "build",
+    "functional",
+    "permutation_spec",
+]
