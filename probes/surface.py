@@ -73,13 +73,15 @@ NORMALIZATIONS = ("filter", "layer", "model", None)
 IGNORES = ("biasbn", None)
 """Accepted ``ignore`` values of :func:`random_direction`."""
 
-DEFAULT_CHUNK = 1
-"""Grid points evaluated together (``vmap``) inside each ``lax.map`` step when ``chunk=None``.
+DEFAULT_CHUNK = {"cpu": 1, "gpu": 8}
+"""Grid points vmapped together inside each ``lax.map`` step when ``chunk=None``, by backend.
 
-Chosen by measurement (``benchmarks/surface.py``, digits MLP 64-512-512-10, 41x41 grid, full
-dataset, 2-core CPU): one point per step was fastest; vmapping 2, 4, 8 or 16 points turns every
-matmul into a batched matmul that XLA's CPU backend runs more slowly. On a GPU larger chunks pay
-off; pass ``chunk`` explicitly there.
+Chosen by measurement (``benchmarks/surface.py``: digits MLP 64-512-512-10, 41x41 grid, full
+dataset). CPU: one point per step ran at 110% of the matmul floor on the 2-core development
+machine (chunk 2: 104%, 4: 84%, 8: 25%, 15x15 grid) — vmapping points turns every matmul into a
+batched matmul that XLA's CPU backend runs more slowly; on a 2-core slice of a Xeon, chunk 2 was
+within 5% of chunk 1. H100: 0.12 s with chunk 1, 0.07 s with 8, 0.06 s with 32 to 512; 8 keeps
+most of the gain at an eighth of the memory of 64. Backends not listed use 1.
 """
 
 _EPS = 1e-10  # Li et al.'s guard in d * ||θ|| / (||d|| + eps)
@@ -181,18 +183,29 @@ def random_direction(
                 msg = f"out_axis {axes[name]} is out of range for leaf {name!r} of shape {jnp.shape(x)}"
                 raise ValueError(msg)
 
+    # the Gaussian draw runs eagerly (its per-shape kernels are cached across calls; jitting it
+    # would recompile threefry for every new tree), the rescaling as one jitted function
     d = tree.random_like(key, params)
+    return _normalize(
+        d, params, normalization=normalization, ignore=ignore, axes=tuple(axes[n] for n in names)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("normalization", "ignore", "axes"))
+def _normalize(
+    d: Params, params: Params, *, normalization: str | None, ignore: str | None, axes: tuple[int, ...]
+) -> Params:
     leaves_d, treedef = jax.tree.flatten(d)
-    leaves_p = [x for _, x in named]
+    leaves_p = jax.tree.leaves(params)
     out: list[Array] = []
-    for name, dl, pl in zip(names, leaves_d, leaves_p):
+    for ax, dl, pl in zip(axes, leaves_d, leaves_p):
         pl = jnp.asarray(pl)
         if jnp.ndim(pl) <= 1 and ignore == "biasbn":
             out.append(jnp.zeros_like(dl))
         elif jnp.ndim(pl) <= 1 and normalization in ("filter", "layer"):
             out.append(jnp.asarray(pl, dl.dtype))
         elif normalization == "filter":
-            ax = axes[name] % pl.ndim
+            ax = ax % pl.ndim
             red = tuple(i for i in range(pl.ndim) if i != ax)
             s = jnp.sqrt(_sq(pl, red)) / (jnp.sqrt(_sq(dl, red)) + _EPS)
             out.append((dl * s).astype(dl.dtype))
@@ -212,6 +225,8 @@ def random_direction(
         s = npar / (nd + _EPS)
         out = [(dl * s).astype(dl.dtype) for dl in out]
     return jax.tree.unflatten(treedef, out)
+
+
 
 
 def _as_sequence(models: Any, what: str) -> list[Params]:
@@ -498,7 +513,7 @@ def _evaluate_models(objective: Objective, stacked: Params) -> dict[str, Array]:
 
 def _check_chunk(chunk: int | None) -> int:
     if chunk is None:
-        return DEFAULT_CHUNK
+        return DEFAULT_CHUNK.get(jax.default_backend(), 1)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         msg = f"chunk must be a positive int (grid points vmapped per lax.map step) or None, got {chunk!r}"
         raise ValueError(msg)
@@ -778,10 +793,10 @@ def surface_1d(
     """Loss and accuracy along a line, ``f(α) = L(θ + α d)`` for every ``α`` in ``grid``.
 
     Every point is a full-dataset :meth:`~landscape.Objective.evaluate`. The points are run with
-    ``lax.map``, ``chunk`` of them vmapped together per step (``None``: :data:`DEFAULT_CHUNK`,
-    chosen by measurement). Li et al. (arXiv 1712.09913) plot ``α ∈ [-0.5, 1.5]`` with 401 points
-    between two checkpoints (``d = θ_1 - θ_0``) and ``[-1, 1]`` along a filter-normalised random
-    direction.
+    ``lax.map``, ``chunk`` of them vmapped together per step (``None``: :data:`DEFAULT_CHUNK` for
+    the default backend, chosen by measurement). Li et al. (arXiv 1712.09913) plot
+    ``α ∈ [-0.5, 1.5]`` with 401 points between two checkpoints (``d = θ_1 - θ_0``) and
+    ``[-1, 1]`` along a filter-normalised random direction.
 
     Args:
         objective: the full-dataset objective.
@@ -818,9 +833,9 @@ def surface_2d(
 
     Every point is a full-dataset :meth:`~landscape.Objective.evaluate`; the ``nx * ny`` points
     (``ij`` order) run through one jitted ``lax.map``, ``chunk`` points vmapped together per step
-    (``None``: :data:`DEFAULT_CHUNK`, chosen by measurement — on CPU one point per step is
-    fastest, since vmapping points turns each matmul into a slower batched matmul; on GPU try
-    larger chunks). Memory is that of ``chunk`` simultaneous evaluations.
+    (``None``: :data:`DEFAULT_CHUNK` for the default backend, chosen by measurement — on CPU one
+    point per step, since vmapping points turns each matmul into a slower batched matmul; 8 on
+    GPU). Memory is that of ``chunk`` simultaneous evaluations.
 
     Li et al. (arXiv 1712.09913) use ``[-1, 1]²`` at 51 x 51 with two filter-normalised random
     directions; :class:`Plane` and :class:`PCAPlane` supply directions and ranges for the plane
