@@ -1,0 +1,292 @@
+"""Mode connectivity (survey §6.1.4): are independently trained solutions connected?
+
+For each pair ``(A, B)`` of independently initialised models, :func:`connectivity` measures the
+linear loss barrier (survey Eq. 1, :mod:`probes.curves`) on the training set and, when given, on
+held-out data, for
+
+* ``naive`` — the straight line from A to B as trained;
+* ``weight_matching`` — B permuted to A by weight matching (Ainsworth et al. 2022, arXiv
+  2209.04836), the function of B unchanged;
+* ``activation_matching`` — B permuted by the correlation of z-scored activations (Tatro et al.
+  2020, arXiv 2009.02439);
+* ``repair`` — every point of the weight-matched line REPAIRed: each unit's pre-activation mean
+  and standard deviation reset to the interpolation of the endpoints' (Jordan et al. 2022, arXiv
+  2211.08403);
+* ``bezier`` / ``bezier_aligned`` — a quadratic Bezier curve fitted between A and B, before and
+  after weight matching (Garipov et al. 2018, arXiv 1802.10026; aligning first is Tatro et al.'s
+  proposal);
+
+plus the weight-matching objective and the singular-direction alignment of corresponding layers
+before and after the permutation (Ito et al. 2024, arXiv 2402.04051). Several pairs (seeds) give
+means and spreads; :func:`connectivity_vs_width` trains pairs at several widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from landscape import align, tree
+from landscape._types import Key, Params
+from landscape.objective import Objective
+from probes.curves import PathResult, evaluate_path, fit_curve, interpolate
+
+__all__ = ["CONNECTIVITY_METHODS", "ConnectivityResult", "ConnectivitySample", "connectivity", "connectivity_vs_width"]
+
+CONNECTIVITY_METHODS = ("naive", "weight_matching", "activation_matching", "repair", "bezier", "bezier_aligned")
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "samples": []}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "samples": v.tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectivitySample:
+    """One pair's measurements.
+
+    Attributes:
+        paths: ``{method: {split: PathResult}}`` for every measured method and split.
+        wm_objective: ``<θ_A, π(θ_B)>`` reached by weight matching and its value at the identity.
+        wm_sweeps: coordinate-descent sweeps weight matching used.
+        singular: singular-alignment summary before/after weight matching (``None`` if skipped).
+        seconds: wall time of each step.
+    """
+
+    paths: dict[str, dict[str, PathResult]]
+    wm_objective: dict[str, float]
+    wm_sweeps: int
+    singular: dict[str, Any] | None
+    seconds: dict[str, float]
+
+    def barrier(self, method: str, split: str = "train", metric: str = "loss") -> float:
+        b = self.paths[method][split].barrier
+        return b.loss if metric == "loss" else b.error
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "paths": {m: {s: r.to_dict() for s, r in d.items()} for m, d in self.paths.items()},
+            "wm_objective": self.wm_objective,
+            "wm_sweeps": self.wm_sweeps,
+            "singular": self.singular,
+            "seconds": self.seconds,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectivityResult:
+    """Connectivity of several independently trained pairs, with spreads over pairs."""
+
+    samples: tuple[ConnectivitySample, ...]
+    label: str = ""
+
+    @property
+    def methods(self) -> list[str]:
+        return [m for m in CONNECTIVITY_METHODS if m in self.samples[0].paths]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.samples[0].paths["naive"])
+
+    def table(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{method: {split: {"loss_barrier", "error_barrier", "midpoint_accuracy": stats}}}``."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for m in self.methods:
+            out[m] = {}
+            for s in self.splits:
+                rs = [smp.paths[m][s] for smp in self.samples]
+                out[m][s] = {
+                    "loss_barrier": _stats([r.barrier.loss for r in rs]),
+                    "error_barrier": _stats([r.barrier.error for r in rs]),
+                    "midpoint_accuracy": _stats([r.midpoint["accuracy"] for r in rs]),
+                }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        sing = [s.singular for s in self.samples if s.singular]
+        return {
+            "label": self.label,
+            "num_pairs": len(self.samples),
+            "table": self.table(),
+            "wm_objective": _stats([s.wm_objective["matched"] for s in self.samples]),
+            "singular_mean_before": _stats([s["mean_before"] for s in sing]),
+            "singular_mean_after": _stats([s["mean_after"] for s in sing]),
+            "seconds": {k: _stats([s.seconds[k] for s in self.samples]) for k in self.samples[0].seconds},
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+    def plot(self, *, split: str = "train", title: str | None = None) -> Any:
+        """Loss and error along every method's path (first pair), on ``split``."""
+        from probes.plot import path_figure
+
+        first = self.samples[0].paths
+        return path_figure([(m, first[m][split]) for m in self.methods], title=title or f"connectivity ({split})")
+
+
+def _evaluate(objectives: dict[str, Objective], path: Any, ts: jax.Array) -> dict[str, PathResult]:
+    return {s: evaluate_path(o, path, ts, chunk=5) for s, o in objectives.items()}
+
+
+def connectivity(
+    key: Key,
+    objective: Objective,
+    pairs: Sequence[tuple[Params, Params]],
+    *,
+    eval_objectives: dict[str, Objective] | None = None,
+    apply_fn: Any = None,
+    spec: align.PermutationSpec | None = None,
+    methods: Sequence[str] = CONNECTIVITY_METHODS,
+    num: int = 25,
+    curve_steps: int = 500,
+    curve_learning_rate: float = 1e-3,
+    singular_k: int = 10,
+    label: str = "",
+) -> ConnectivityResult:
+    """Barriers between independently trained pairs, naive and after alignment, REPAIR and curves.
+
+    Args:
+        key: randomness for weight matching's visiting order and the curve fits.
+        objective: the training set (matching statistics, REPAIR statistics and curve fitting use it;
+            its barriers are reported under ``"train"``).
+        pairs: ``[(A, B), ...]`` independently trained params of one architecture.
+        eval_objectives: further splits to report barriers on, e.g. ``{"test": test_objective}``.
+        apply_fn: the zoo model (``intermediates`` and ``spec``); default ``objective.apply_fn``.
+        spec: permutation spec; default ``apply_fn.spec``.
+        methods: which of :data:`CONNECTIVITY_METHODS` to run (``"naive"`` always runs).
+        num: points per path.
+        curve_steps, curve_learning_rate: Bezier fitting settings.
+        singular_k: top singular directions compared (0 skips the singular alignment).
+        label: a name for the setting (e.g. the width).
+
+    Returns:
+        :class:`ConnectivityResult` with every path, means and spreads over the pairs.
+    """
+    unknown = [m for m in methods if m not in CONNECTIVITY_METHODS]
+    if unknown:
+        msg = f"unknown connectivity methods {unknown}; accepted: {list(CONNECTIVITY_METHODS)}"
+        raise ValueError(msg)
+    if not pairs:
+        msg = "connectivity needs at least one (A, B) pair"
+        raise ValueError(msg)
+    apply_fn = objective.apply_fn if apply_fn is None else apply_fn
+    spec = getattr(apply_fn, "spec", None) if spec is None else spec
+    needs_spec = {"weight_matching", "activation_matching", "repair", "bezier_aligned"} & set(methods)
+    if needs_spec and spec is None:
+        msg = f"methods {sorted(needs_spec)} need a permutation spec (pass spec= or a zoo apply_fn)"
+        raise ValueError(msg)
+    for i, (a, b) in enumerate(pairs):
+        tree.check_match(a, b, names=(f"pairs[{i}][0]", f"pairs[{i}][1]"))
+        if spec is not None:
+            align.check_spec(spec, a)
+    objectives = {"train": objective, **(eval_objectives or {})}
+    ts = jnp.linspace(0.0, 1.0, num)
+    samples = []
+    for i, (a, b) in enumerate(pairs):
+        k_wm, k_curve, k_curve2 = jax.random.split(jax.random.fold_in(key, i), 3)
+        paths: dict[str, dict[str, PathResult]] = {}
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        paths["naive"] = {s: interpolate(o, a, b, num=num) for s, o in objectives.items()}
+        seconds["naive"] = time.perf_counter() - t0
+        wm_obj: dict[str, float] = {}
+        sweeps = 0
+        b_wm = None
+        singular = None
+        if needs_spec:
+            t0 = time.perf_counter()
+            perm, info = align.weight_matching(k_wm, spec, a, b)
+            b_wm = align.apply(spec, perm, b)
+            seconds["weight_matching_solve"] = time.perf_counter() - t0
+            wm_obj = {"matched": float(tree.vdot(a, b_wm)), "identity": float(tree.vdot(a, b))}
+            sweeps = int(getattr(info, "iterations", 0))
+            if "weight_matching" in methods:
+                t0 = time.perf_counter()
+                paths["weight_matching"] = {s: interpolate(o, a, b_wm, num=num) for s, o in objectives.items()}
+                seconds["weight_matching"] = time.perf_counter() - t0
+            if singular_k:
+                from probes.singular import singular_alignment
+
+                t0 = time.perf_counter()
+                singular = singular_alignment(a, b, k=singular_k, perm=perm, spec=spec).summary()
+                seconds["singular"] = time.perf_counter() - t0
+        if "activation_matching" in methods:
+            t0 = time.perf_counter()
+            perm_am, _ = align.activation_matching(spec, a, b, objective, apply_fn=apply_fn)
+            b_am = align.apply(spec, perm_am, b)
+            paths["activation_matching"] = {s: interpolate(o, a, b_am, num=num) for s, o in objectives.items()}
+            seconds["activation_matching"] = time.perf_counter() - t0
+        if "repair" in methods:
+            t0 = time.perf_counter()
+            repaired = [
+                align.repair(objective, apply_fn, a, b_wm, tree.lerp(a, b_wm, float(t)), t=float(t), spec=spec)
+                for t in np.asarray(ts)
+            ]
+            stacked = tree.stack(repaired)
+            paths["repair"] = {}
+            for s, o in objectives.items():
+                ev = jax.lax.map(o.evaluate, stacked)
+                paths["repair"][s] = PathResult(ts=ts, loss=ev["loss"], accuracy=ev["accuracy"])
+            seconds["repair"] = time.perf_counter() - t0
+        for name, other, k in (("bezier", b, k_curve), ("bezier_aligned", b_wm, k_curve2)):
+            if name in methods:
+                t0 = time.perf_counter()
+                fit = fit_curve(k, objective, a, other, kind="bezier", steps=curve_steps,
+                                learning_rate=curve_learning_rate, num_eval=num)
+                paths[name] = _evaluate(objectives, fit.path, ts)
+                seconds[name] = time.perf_counter() - t0
+        samples.append(ConnectivitySample(paths, wm_obj, sweeps, singular, seconds))
+    return ConnectivityResult(tuple(samples), label)
+
+
+def connectivity_vs_width(
+    key: Key,
+    dataset: Any,
+    *,
+    widths: Sequence[Sequence[int]],
+    seeds: Sequence[int] = (0, 1),
+    epochs: int = 30,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    **kwargs: Any,
+) -> dict[str, ConnectivityResult]:
+    """Train MLP pairs at several hidden widths on ``dataset`` and measure :func:`connectivity`.
+
+    Each width trains ``len(seeds)`` pairs; pair ``j`` uses init seeds ``(2j, 2j+1)`` offset by
+    ``seeds[j]`` and data-order seeds ``1000 +`` those. Returns ``{"64-64-64": result, ...}``.
+    """
+    from landscape import models
+    from landscape.train import Trainer, make_optimizer
+
+    if not widths:
+        msg = "connectivity_vs_width needs at least one width"
+        raise ValueError(msg)
+    x, y = dataset.train
+    in_features = int(np.prod(dataset.input_shape))
+    out: dict[str, ConnectivityResult] = {}
+    for hidden in widths:
+        pairs = []
+        for s in seeds:
+            members = []
+            for j in (0, 1):
+                init = 2 * s + j
+                fn, p, st = models.functional(
+                    models.build("mlp", jax.random.key(init), in_features=in_features,
+                                 widths=(*hidden, dataset.num_classes)))
+                trainer = Trainer(fn, x, y, optimizer=make_optimizer("adam", learning_rate=learning_rate),
+                                  batch_size=batch_size)
+                members.append(trainer.run(jax.random.key(1000 + init), trainer.init(p, st), epochs=epochs).params)
+            pairs.append((members[0], members[1]))
+        label = "-".join(str(w) for w in hidden)
+        train = Objective(fn, x, y)
+        evals = {"test": Objective(fn, *dataset.test)} if len(dataset.test[0]) else None
+        out[label] = connectivity(jax.random.fold_in(key, len(out)), train, pairs, eval_objectives=evals,
+                                  apply_fn=fn, label=label, **kwargs)
+    return out
