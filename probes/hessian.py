@@ -340,9 +340,10 @@ class Spectrum:
     Attributes:
         eigenvalues: ``(k,)`` Ritz values; ``which="top"``: largest first; ``"bottom"``: smallest
             first; ``"both"``: the ``k`` largest (largest first) then the ``k`` smallest.
-        residuals: ``(k,)`` residual norms ``‖C v_i − λ_i v_i‖`` of the unit Ritz vectors (the
-            Lanczos identity ``|β_K| |s_{K,i}|``, exact under full reorthogonalisation). An
-            eigenvalue's error is at most its residual, and about ``residual² / gap``.
+        residuals: ``(k,)`` residual norms ``‖C v_i − λ_i v_i‖`` of the unit Ritz vectors from the
+            Lanczos identity ``|β_K| |s_{K,i}|`` (exact in exact arithmetic with full
+            reorthogonalisation), floored at the rounding level ``ε max|θ|``. An eigenvalue's
+            error is at most its residual, and about ``residual² / gap``.
         eigenvectors: params tree with a leading ``k`` axis (unit vectors, zero outside the
             filter), or ``None`` unless requested.
         converged: all values finite, the loss finite and every residual
@@ -481,8 +482,9 @@ class DensityResult:
         grid: ``(G,)`` eigenvalue grid.
         density: ``(G,)`` smoothed density on the grid (integrates to ≈ 1).
         sigma: Gaussian width (standard deviation).
-        negative_mass: fraction of the smoothed spectral mass below zero,
-            ``mean_p Σ_j w_pj Φ(−θ_pj / σ)``.
+        negative_mass: quadrature estimate of the fraction of eigenvalues below zero,
+            ``mean_p Σ_j w_pj [θ_pj < 0]`` (from the nodes, not the smoothed curve, whose
+            Gaussians would put half of the bulk at zero below it).
         finite: whether all nodes and the loss are finite.
         dim: matrix dimension ``n`` (so ``dim · moment(1)`` estimates the trace).
     """
@@ -707,6 +709,12 @@ def _lanczos(prob: _Problem, key: Key, num_steps: int) -> tuple[Array, Array, Ar
     return theta, S, Q, beta
 
 
+def _residuals(theta: Array, S: Array, beta: Array) -> Array:
+    """Ritz residual norms ``|β_K s_{K,i}|``, floored at the rounding level ``ε max|θ|``."""
+    floor = jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(theta))
+    return jnp.maximum(jnp.abs(beta * S[-1, :]), floor)
+
+
 def _default_steps(k_total: int, n: int) -> int:
     return min(n, max(2 * k_total + 20, 30))
 
@@ -768,30 +776,37 @@ def eigenvalues(
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("k", "which", "num_steps", "curvature", "select", "vectors", "tol")
-)
+@functools.partial(jax.jit, static_argnames=("num_steps", "curvature", "select"))
+def _lanczos_impl(
+    key: Key, objective: Objective, params: Params, *, num_steps: int, curvature: str,
+    select: tuple[bool, ...],
+) -> tuple[Array, Array, Array, Array, Array]:
+    """The compiled part of :func:`eigenvalues`, shared by every ``k``, ``which`` and ``tol``."""
+    prob = _problem(objective, params, select, curvature)
+    theta, S, Q, beta = _lanczos(prob, key, num_steps)
+    return theta, S, Q, _residuals(theta, S, beta), prob.loss()
+
+
 def _eig_impl(
     key: Key, objective: Objective, params: Params, *, k: int, which: str, num_steps: int,
     curvature: str, select: tuple[bool, ...], vectors: bool, tol: float,
 ) -> Spectrum:
-    prob = _problem(objective, params, select, curvature)
-    theta, S, Q, beta = _lanczos(prob, key, num_steps)
-    res = jnp.abs(beta * S[-1, :])
+    theta, S, Q, res, loss = _lanczos_impl(
+        key, objective, params, num_steps=num_steps, curvature=curvature, select=select
+    )
     K = num_steps
     top_idx = np.arange(K - 1, K - 1 - k, -1)
     bottom_idx = np.arange(k)
     idx = {"top": top_idx, "bottom": bottom_idx, "both": np.concatenate([top_idx, bottom_idx])}[which]
     vals, resid = theta[idx], res[idx]
-    loss = prob.loss()
     scale = jnp.max(jnp.abs(theta))
     converged = (
         jnp.all(jnp.isfinite(vals)) & jnp.isfinite(loss) & jnp.all(resid <= tol * jnp.maximum(scale, 1e-30))
     )
     vecs = None
     if vectors:
-        flat_vecs = S[:, idx].T @ Q
-        vecs = jax.vmap(prob.embed)(flat_vecs)
+        embed = _problem(objective, params, select, curvature).embed
+        vecs = jax.vmap(embed)(S[:, idx].T @ Q)
     return Spectrum(
         eigenvalues=vals, residuals=resid, eigenvectors=vecs, converged=converged, loss=loss,
         num_matvecs=num_steps, which=which, curvature=curvature,
@@ -1041,7 +1056,7 @@ def _density_impl(
         sig = jnp.asarray(sigma, nodes.dtype)
     z = (grid[:, None, None] - nodes[None]) / sig
     dens = jnp.sum(weights[None] * jnp.exp(-0.5 * z**2), axis=-1).mean(axis=-1) / (sig * jnp.sqrt(2 * jnp.pi))
-    neg = jnp.mean(jnp.sum(weights * jax.scipy.stats.norm.cdf(-nodes / sig), axis=-1))
+    neg = jnp.mean(jnp.sum(jnp.where(nodes < 0, weights, jnp.zeros_like(weights)), axis=-1))
     finite = jnp.all(jnp.isfinite(nodes)) & jnp.isfinite(prob.loss())
     return DensityResult(
         nodes=nodes, weights=weights, grid=grid, density=dens, sigma=sig, negative_mass=neg,
@@ -1121,7 +1136,7 @@ def _per_layer_impl(
         prob = _problem(objective, params, mask, curvature)
         theta, S, _, beta = _lanczos(prob, kk, min(num_steps, int(prob.flat.shape[0])))
         tops.append(theta[-1])
-        resids.append(jnp.abs(beta * S[-1, -1]))
+        resids.append(_residuals(theta, S, beta)[-1])
     full = _problem(objective, params, (True,) * len(masks[0]), curvature)
     leaf_sizes = [int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(params)]
     seg = np.repeat(np.arange(len(leaf_sizes)), leaf_sizes)  # flat index -> leaf index
