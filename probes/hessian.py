@@ -483,8 +483,10 @@ class DensityResult:
         density: ``(G,)`` smoothed density on the grid (integrates to ≈ 1).
         sigma: Gaussian width (standard deviation).
         negative_mass: quadrature estimate of the fraction of eigenvalues below zero,
-            ``mean_p Σ_j w_pj [θ_pj < 0]`` (from the nodes, not the smoothed curve, whose
-            Gaussians would put half of the bulk at zero below it).
+            ``mean_p Σ_j w_pj [θ_pj < −τ·max|θ|]`` with ``τ = negative_tol`` (from the nodes, not
+            the smoothed curve, whose Gaussians would put half of the bulk at zero below it; the
+            tolerance keeps the near-zero bulk of a trained model, which SLQ lumps into one node a
+            rounding error either side of 0, from counting as negative).
         finite: whether all nodes and the loss are finite.
         dim: matrix dimension ``n`` (so ``dim · moment(1)`` estimates the trace).
     """
@@ -977,6 +979,7 @@ def density(
     sigma: float | None = None,
     curvature: str = "hessian",
     filter: Filter = None,
+    negative_tol: float = 1e-3,
 ) -> DensityResult:
     """Spectral density by stochastic Lanczos quadrature (Ghorbani et al., arXiv:1901.10159).
 
@@ -994,6 +997,8 @@ def density(
         sigma: Gaussian width; default PyHessian's ``√(1e-5 · max(1, θmax − θmin))``, widened to
             two grid spacings so the density is resolved on the grid.
         curvature, filter: as in :func:`eigenvalues`.
+        negative_tol: nodes below ``−negative_tol · max|θ|`` count as negative mass (0: strictly
+            below zero).
 
     Returns:
         A :class:`DensityResult` (``.plot()`` draws the log-scale density).
@@ -1015,8 +1020,12 @@ def density(
     if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
         msg = f"sigma must be a positive float or None, got {sigma!r}"
         raise ValueError(msg)
+    if not (isinstance(negative_tol, (int, float)) and negative_tol >= 0):
+        msg = f"negative_tol must be a float >= 0, got {negative_tol!r}"
+        raise ValueError(msg)
     return _density_impl(
         key, objective, params, grid_arg, sigma=None if sigma is None else float(sigma),
+        negative_tol=float(negative_tol),
         num_probes=num_probes, num_steps=num_steps, num_grid=num_grid, curvature=curvature, select=select,
     )
 
@@ -1035,10 +1044,11 @@ def _slq(prob: _Problem, key: Key, num_probes: int, num_steps: int) -> tuple[Arr
 
 
 @functools.partial(
-    jax.jit, static_argnames=("sigma", "num_probes", "num_steps", "num_grid", "curvature", "select")
+    jax.jit,
+    static_argnames=("sigma", "negative_tol", "num_probes", "num_steps", "num_grid", "curvature", "select"),
 )
 def _density_impl(
-    key: Key, objective: Objective, params: Params, grid: Array | None, *, sigma: float | None,
+    key: Key, objective: Objective, params: Params, grid: Array | None, *, sigma: float | None, negative_tol: float,
     num_probes: int, num_steps: int, num_grid: int, curvature: str, select: tuple[bool, ...],
 ) -> DensityResult:
     prob = _problem(objective, params, select, curvature)
@@ -1056,7 +1066,8 @@ def _density_impl(
         sig = jnp.asarray(sigma, nodes.dtype)
     z = (grid[:, None, None] - nodes[None]) / sig
     dens = jnp.sum(weights[None] * jnp.exp(-0.5 * z**2), axis=-1).mean(axis=-1) / (sig * jnp.sqrt(2 * jnp.pi))
-    neg = jnp.mean(jnp.sum(jnp.where(nodes < 0, weights, jnp.zeros_like(weights)), axis=-1))
+    below = nodes < -negative_tol * jnp.max(jnp.abs(nodes))
+    neg = jnp.mean(jnp.sum(jnp.where(below, weights, jnp.zeros_like(weights)), axis=-1))
     finite = jnp.all(jnp.isfinite(nodes)) & jnp.isfinite(prob.loss())
     return DensityResult(
         nodes=nodes, weights=weights, grid=grid, density=dens, sigma=sig, negative_mass=neg,

@@ -59,6 +59,8 @@ class ConnectivitySample:
         wm_sweeps: coordinate-descent sweeps weight matching used.
         singular: singular-alignment summary before/after weight matching (``None`` if skipped).
         seconds: wall time of each step.
+        aligned: B permuted by weight matching (``None`` when no method needed it).
+        curves: the fitted curves by method name (``"bezier"``, ``"bezier_aligned"``).
     """
 
     paths: dict[str, dict[str, PathResult]]
@@ -66,6 +68,8 @@ class ConnectivitySample:
     wm_sweeps: int
     singular: dict[str, Any] | None
     seconds: dict[str, float]
+    aligned: Params | None = None
+    curves: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def barrier(self, method: str, split: str = "train", metric: str = "loss") -> float:
         b = self.paths[method][split].barrier
@@ -235,14 +239,16 @@ def connectivity(
                 ev = jax.lax.map(o.evaluate, stacked)
                 paths["repair"][s] = PathResult(ts=ts, loss=ev["loss"], accuracy=ev["accuracy"])
             seconds["repair"] = time.perf_counter() - t0
+        curves = {}
         for name, other, k in (("bezier", b, k_curve), ("bezier_aligned", b_wm, k_curve2)):
             if name in methods:
                 t0 = time.perf_counter()
                 fit = fit_curve(k, objective, a, other, kind="bezier", steps=curve_steps,
                                 learning_rate=curve_learning_rate, num_eval=num)
                 paths[name] = _evaluate(objectives, fit.path, ts)
+                curves[name] = fit
                 seconds[name] = time.perf_counter() - t0
-        samples.append(ConnectivitySample(paths, wm_obj, sweeps, singular, seconds))
+        samples.append(ConnectivitySample(paths, wm_obj, sweeps, singular, seconds, b_wm, curves))
     return ConnectivityResult(tuple(samples), label)
 
 
