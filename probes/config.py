@@ -23,6 +23,14 @@ Example file::
 
     [interpolation]
     num = 25
+
+    [sections]               # each "quick" (default), "full" or "off"
+    connectivity = "quick"
+    surfaces = "quick"
+    curvature = "full"
+    convexity = "quick"
+    determinism = "off"
+    directedness = "quick"
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataConfig", "InterpolationConfig", "ModelConfig", "ReportConfig", "TrainConfig", "load_config"]
+__all__ = ["DataConfig", "InterpolationConfig", "ModelConfig", "ReportConfig", "SectionsConfig", "TrainConfig", "load_config"]
 
 
 def _fail(where: str, key: str, problem: str) -> None:
@@ -78,6 +86,22 @@ class InterpolationConfig:
     chunk: int = 5
 
 
+SECTION_LEVELS = ("quick", "full", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class SectionsConfig:
+    """Which probe sections run, and at which setting: ``"quick"`` (the default: the whole report
+    within ~3 minutes on a 2-core CPU), ``"full"`` (the settings of the papers, slower) or ``"off"``."""
+
+    connectivity: str = "quick"
+    surfaces: str = "quick"
+    curvature: str = "quick"
+    convexity: str = "quick"
+    determinism: str = "quick"
+    directedness: str = "quick"
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
     """The whole report configuration; ``ReportConfig()`` is the built-in default."""
@@ -88,6 +112,7 @@ class ReportConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     interpolation: InterpolationConfig = dataclasses.field(default_factory=InterpolationConfig)
+    sections: SectionsConfig = dataclasses.field(default_factory=SectionsConfig)
     source: str = "<built-in default>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +156,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "<dict>") -> ReportConfig
     """Validate a parsed TOML mapping and build a :class:`ReportConfig` (ValueError on any problem)."""
     from landscape.train import OPTIMIZERS, SCHEDULES
 
-    top = {"seed", "num_models", "data", "model", "train", "interpolation"}
+    top = {"seed", "num_models", "data", "model", "train", "interpolation", "sections"}
     for key in raw:
         if key not in top:
             _fail(source, key, f"unknown key; accepted: {sorted(top)}")
@@ -141,7 +166,7 @@ def parse_config(raw: dict[str, Any], *, source: str = "<dict>") -> ReportConfig
     num_models = raw.get("num_models", 2)
     if not isinstance(num_models, int) or isinstance(num_models, bool) or num_models < 2:
         _fail(source, "num_models", f"must be an int >= 2, got {num_models!r}")
-    for section in ("data", "model", "train", "interpolation"):
+    for section in ("data", "model", "train", "interpolation", "sections"):
         if section in raw and not isinstance(raw[section], dict):
             _fail(source, section, f"must be a table ([{section}]), got {type(raw[section]).__name__}")
 
@@ -152,6 +177,10 @@ def parse_config(raw: dict[str, Any], *, source: str = "<dict>") -> ReportConfig
     model = ModelConfig(name=model_name, options=model_raw or ({"widths": [128, 128]} if model_name == "mlp" else {}))
     train = TrainConfig(**_check_fields(TrainConfig, raw.get("train", {}), source, "train"))
     interp = InterpolationConfig(**_check_fields(InterpolationConfig, raw.get("interpolation", {}), source, "interpolation"))
+    sections = SectionsConfig(**_check_fields(SectionsConfig, raw.get("sections", {}), source, "sections"))
+    for f in dataclasses.fields(SectionsConfig):
+        if getattr(sections, f.name) not in SECTION_LEVELS:
+            _fail(source, f"sections.{f.name}", f"must be one of {list(SECTION_LEVELS)}, got {getattr(sections, f.name)!r}")
 
     for key in ("epochs", "batch_size", "learning_rate"):
         _positive(source, f"train.{key}", getattr(train, key))
@@ -164,7 +193,8 @@ def parse_config(raw: dict[str, Any], *, source: str = "<dict>") -> ReportConfig
         _fail(source, "interpolation.num", f"must be >= 3, got {interp.num!r}")
     _positive(source, "interpolation.chunk", interp.chunk)
     return ReportConfig(
-        seed=seed, num_models=num_models, data=data, model=model, train=train, interpolation=interp, source=source
+        seed=seed, num_models=num_models, data=data, model=model, train=train, interpolation=interp,
+        sections=sections, source=source
     )
 
 

@@ -70,6 +70,16 @@ class Context:
     models: list[TrainedModel]
     key: jax.Array
     log: Callable[[str], None]
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Results shared between sections (e.g. the aligned model and fitted curve for the surfaces)."""
+
+    def level(self, section: str) -> str:
+        """The configured setting of a section: ``"quick"``, ``"full"`` or ``"off"``."""
+        return getattr(self.config.sections, section)
+
+    def section_key(self, section: str) -> jax.Array:
+        """A key of its own for each section (``fold_in`` of the report key with a fixed integer)."""
+        return jax.random.fold_in(self.key, SECTION_IDS.index(section))
 
     def objective(self, split: str, member: TrainedModel | None = None) -> Objective:
         """The train or test Objective, bound to ``member``'s model state when it has one."""
@@ -120,6 +130,17 @@ def _seeds(config: ReportConfig, i: int) -> tuple[int, int]:
     return config.seed + i, config.seed + 1000 + i
 
 
+def _trainer(config: ReportConfig, dataset: Any, apply_fn: Any) -> Trainer:
+    """The configured optimizer and batch size on the training split."""
+    tc = config.train
+    x, y = dataset.train
+    optimizer = make_optimizer(
+        tc.optimizer, learning_rate=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay,
+        schedule=tc.schedule, total_steps=tc.epochs * (len(x) // tc.batch_size),
+    )
+    return Trainer(apply_fn, x, y, optimizer=optimizer, batch_size=tc.batch_size)
+
+
 def _train_member(
     ctx_parts: dict[str, Any], config: ReportConfig, i: int, ckpt_dir: Path, log: Callable[[str], None]
 ) -> TrainedModel:
@@ -137,12 +158,7 @@ def _train_member(
         return TrainedModel(i, init_seed, data_seed, stored["params"], stored["state"], str(path), True,
                             float(meta.get("train_seconds", 0.0)), losses)
     tc = config.train
-    x, y = dataset.train
-    optimizer = make_optimizer(
-        tc.optimizer, learning_rate=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay,
-        schedule=tc.schedule, total_steps=tc.epochs * (len(x) // tc.batch_size),
-    )
-    trainer = Trainer(apply_fn, x, y, optimizer=optimizer, batch_size=tc.batch_size)
+    trainer = _trainer(config, dataset, apply_fn)
     t0 = time.perf_counter()
     result: TrainResult = trainer.run(jax.random.key(data_seed), trainer.init(params, state), epochs=tc.epochs,
                                       progress=None)
@@ -223,10 +239,179 @@ def interpolation_section(ctx: Context) -> Section:
     return Section("interpolation", "Linear interpolation", intro + _table(header, rows) + note + figure_html(fig), out)
 
 
+def connectivity_section(ctx: Context) -> Section:
+    """Barriers naive / weight matching / activation matching / REPAIR, and Bezier curves."""
+    from probes.characteristics import CONNECTIVITY_METHODS, connectivity
+
+    full = ctx.level("connectivity") == "full"
+    methods = [m for m in CONNECTIVITY_METHODS if not (m == "repair" and ctx.config.model.name == "resnet")]
+    members = ctx.models if full else ctx.models[:2]
+    pairs = [(members[i].params, members[i + 1].params) for i in range(0, len(members) - 1, 2 if not full else 1)]
+    res = connectivity(
+        ctx.section_key("connectivity"), ctx.objective("train", members[0]), pairs,
+        eval_objectives={"test": ctx.objective("test", members[0])}, methods=methods,
+        num=25 if full else 13, curve_steps=2000 if full else 300, singular_k=10,
+    )
+    ctx.cache["connectivity"] = res
+    table = res.table()
+    rows = []
+    for m, by_split in table.items():
+        for split, st in by_split.items():
+            rows.append([m, split, st["loss_barrier"]["mean"], st["loss_barrier"]["std"],
+                         st["error_barrier"]["mean"], st["midpoint_accuracy"]["mean"]])
+    d = res.to_dict()
+    intro = (
+        f"<p>{len(pairs)} pair(s) of independently initialised models. <b>weight_matching</b>: B permuted to A "
+        "(Ainsworth et al. 2022); <b>activation_matching</b>: correlation of z-scored activations (Tatro et al. "
+        "2020); <b>repair</b>: weight-matched line with every point REPAIRed (Jordan et al. 2022); <b>bezier</b>: "
+        "quadratic Bezier curve fitted with Adam (Garipov et al. 2018), before and after alignment. Weight-matching "
+        f"objective ⟨θ_A, π(θ_B)⟩ = {_fmt(d['wm_objective']['mean'])}; singular-direction alignment (top 10, mean "
+        f"over layers) {_fmt(d['singular_mean_before']['mean'])} before and "
+        f"{_fmt(d['singular_mean_after']['mean'])} after the permutation (Ito et al. 2024).</p>"
+    )
+    header = ["method", "split", "loss barrier", "± std", "error barrier", "acc at t=½"]
+    body = intro + _table(header, rows)
+    for split in ("train", "test"):
+        body += figure_html(res.plot(split=split, title=f"connectivity paths ({split})"))
+    return Section("connectivity", "Connectivity", body, d)
+
+
+def surfaces_section(ctx: Context) -> Section:
+    """A filter-normalised random plane around model 0, and the plane through A, aligned B and the bend."""
+    from probes.surface import plane_through, random_direction, surface_2d
+
+    full = ctx.level("surfaces") == "full"
+    m0 = ctx.models[0]
+    obj = ctx.objective("test", m0)
+    k1, k2 = jax.random.split(ctx.section_key("surfaces"))
+    n = 51 if full else 15
+    d1 = random_direction(k1, m0.params, normalization="filter", ignore="biasbn")
+    d2 = random_direction(k2, m0.params, normalization="filter", ignore="biasbn")
+    axis = np.linspace(-1.0, 1.0, n)
+    random_plane = surface_2d(obj, m0.params, (d1, d2), grid=(axis, axis))
+    out: dict[str, Any] = {"random_plane": random_plane.to_dict()}
+    body = (f"<p>Test loss on a filter-normalised random plane around model 0 (Li et al. 2018), {n}×{n} grid "
+            "over [−1, 1]².</p>")
+    body += figure_html(random_plane.plot(kind="surface", log=True))
+    conn = ctx.cache.get("connectivity")
+    sample = conn.samples[0] if conn is not None else None
+    if sample is not None and sample.aligned is not None and "bezier_aligned" in sample.curves:
+        fit = sample.curves["bezier_aligned"]
+        bend = fit.bends[0]
+        plane = plane_through(m0.params, sample.aligned, bend, margin=0.2)
+        xs, ys = plane.grid(21 if full else 15)
+        curve_pts = [fit.path(float(t)) for t in np.linspace(0, 1, 21)]
+        through = surface_2d(obj, plane.origin, plane.directions, grid=(xs, ys),
+                             overlays={"model A": m0.params, "aligned B": sample.aligned, "bend": bend,
+                                       "Bezier curve": curve_pts})
+        out["model_plane"] = through.to_dict()
+        body += ("<p>Test loss on the plane through model A, model B after weight matching, and the bend of the "
+                 "fitted Bezier curve (Garipov et al. 2018), with the curve drawn.</p>")
+        body += figure_html(through.plot(kind="contour", log=True))
+    return Section("surfaces", "Loss surfaces", body, out)
+
+
+def curvature_section(ctx: Context) -> Section:
+    """Hessian spectrum of each model (training loss) and sharpness along the linear path."""
+    from probes import hessian
+    from probes.paths import linear
+
+    full = ctx.level("curvature") == "full"
+    key = ctx.section_key("curvature")
+    rows, per_model = [], []
+    body = ""
+    for i, m in enumerate(ctx.models[:2]):
+        obj = ctx.objective("train", m)
+        ks = jax.random.split(jax.random.fold_in(key, i), 4)
+        spec = hessian.eigenvalues(ks[0], obj, m.params, k=10 if full else 3, which="both" if full else "top")
+        tr = hessian.trace(ks[1], obj, m.params, method="xtrace" if full else "hutchinson",
+                           num_probes=64 if full else 16)
+        dens = hessian.density(ks[2], obj, m.params, num_probes=4 if full else 1, num_steps=100 if full else 40,
+                               grid=500 if full else 200)
+        entry = {"index": m.index, "eigenvalues": spec.to_dict(), "trace": tr.to_dict(), "density": dens.to_dict()}
+        if full:
+            entry["per_layer"] = hessian.per_layer(ks[3], obj, m.params).to_dict()
+        per_model.append(entry)
+        top = np.asarray(spec.eigenvalues)
+        rows.append([m.index, float(np.max(top)), float(np.asarray(spec.residuals)[np.argmax(top)]),
+                     float(tr.estimate), float(tr.stderr), float(dens.negative_mass)])
+        if i == 0:
+            body_fig = figure_html(dens.plot())
+    a, b = ctx.models[0], ctx.models[1]
+    ts = np.linspace(0.0, 1.0, 13 if full else 7)
+    along = hessian.along_path(jax.random.fold_in(key, 99), ctx.objective("train", a), linear(a.params, b.params), ts,
+                               k=1, num_probes=16 if full else 8)
+    header = ["model", "λ_max", "residual", "trace", "± s.e.", "mass below 0 (SLQ)"]
+    body = ("<p>Curvature of the training loss: top eigenvalues by Lanczos with full reorthogonalisation "
+            "(residual ‖Hv − λv‖), trace by Hutchinson/XTrace with its standard error, and the spectral density "
+            "by stochastic Lanczos quadrature (matfree).</p>" + _table(header, rows) + body_fig)
+    body += "<p>Sharpness along the linear path between models 0 and 1.</p>" + figure_html(along.plot())
+    return Section("curvature", "Curvature", body, {"models": per_model, "along_path": along.to_dict()})
+
+
+def convexity_section(ctx: Context) -> Section:
+    """Mode convexity of each trained model's basin, sampled by FGE cycles."""
+    from probes.characteristics import convexity_from_training, quick_convexity
+
+    trainer = _trainer(ctx.config, ctx.dataset, ctx.apply_fn)
+    states = [trainer.init(m.params, m.state) for m in ctx.models]
+    key = ctx.section_key("convexity")
+    test = ctx.objective("test", ctx.models[0])
+    if ctx.level("convexity") == "full":
+        res = convexity_from_training(key, trainer, states, method="fge", eval_objective=test,
+                                      sampling={"cycles": 12, "cycle_steps": 2 * trainer.steps_per_epoch,
+                                                "learning_rate": 0.05, "final_fraction": 0.01},
+                                      num_chords=64, num_points=11)
+    else:
+        res = quick_convexity(key, trainer, states, eval_objective=test)
+    d = res.to_dict()
+    summary = d.get("summary", {})
+    rows = [[k, v.get("mean"), v.get("std")] for k, v in summary.items() if isinstance(v, dict) and "mean" in v]
+    intro = ("<p>Basin members from Fast Geometric Ensembling cycles around each trained model (one basin per "
+             "seed). Chord fraction: random chords between members whose midpoint loss is at most the mean "
+             "endpoint loss; SWA and ensemble gains on the test set; curvature of the training loss at the "
+             "solution.</p>")
+    return Section("convexity", "Mode convexity", intro + _table(["metric", "mean", "std"], rows)
+                   + figure_html(res.plot()), d)
+
+
+def determinism_section(ctx: Context) -> Section:
+    """Instability analysis: the barrier between children spawned at step k, against k."""
+    from probes.characteristics import determinism, quick_determinism, spawn_ladder
+
+    trainer = _trainer(ctx.config, ctx.dataset, ctx.apply_fn)
+    name, kwargs = ctx.config.model.name, _model_kwargs(ctx.config, ctx.dataset)
+
+    def init(key: jax.Array) -> Any:
+        _, params, state = models.functional(models.build(name, key, **kwargs))
+        return trainer.init(params, state)
+
+    key = ctx.section_key("determinism")
+    test = ctx.objective("test", ctx.models[0])
+    if ctx.level("determinism") == "full":
+        steps = ctx.config.train.epochs * trainer.steps_per_epoch
+        res = determinism(key, trainer, init, steps=steps, spawn_steps=(0, *spawn_ladder(steps)), num_seeds=3,
+                          objective=test)
+    else:
+        res = quick_determinism(key, trainer, init, objective=test)
+    d = res.to_dict()
+    intro = ("<p>Frankle et al. 2020: a parent is trained; at spawn step k two children copy it and train to the "
+             "end with different data-order seeds; their linear barrier (test error) is plotted against k. "
+             f"Onset k* (barrier below the threshold): <b>{html.escape(str(res.onset))}</b>.</p>")
+    return Section("determinism", "Mode determinism", intro + figure_html(res.plot()), d)
+
+
 SECTIONS: tuple[tuple[str, Callable[[Context], Section]], ...] = (
     ("models", models_section),
     ("interpolation", interpolation_section),
+    ("connectivity", connectivity_section),
+    ("surfaces", surfaces_section),
+    ("curvature", curvature_section),
+    ("convexity", convexity_section),
+    ("determinism", determinism_section),
 )
+SECTION_IDS = tuple(name for name, _ in SECTIONS)
+OPTIONAL_SECTIONS = ("connectivity", "surfaces", "curvature", "convexity", "determinism", "directedness")
 
 
 # ---------------------------------------------------------------------------- page
@@ -301,6 +486,8 @@ def run_report(
     )
     sections: list[Section] = []
     for name, fn in SECTIONS:
+        if name in OPTIONAL_SECTIONS and ctx.level(name) == "off":
+            continue
         t0 = time.perf_counter()
         sections.append(fn(ctx))
         timings[name] = time.perf_counter() - t0

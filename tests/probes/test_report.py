@@ -10,6 +10,7 @@ from probes.config import parse_config
 from probes.report import SCHEMA_VERSION, run_report
 
 TINY = {"seed": 0, "model": {"name": "mlp", "widths": [16]}, "train": {"epochs": 2}, "interpolation": {"num": 5}}
+OFF = {k: "off" for k in ("connectivity", "surfaces", "curvature", "convexity", "determinism", "directedness")}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,9 @@ def test_writes_self_contained_html_and_versioned_json(tiny_report):
     page = (out / "index.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in page
     assert not re.findall(r"<script[^>]*\bsrc=", page)  # plotly.js is inlined: opens offline
-    assert "Linear interpolation" in page
+    for title in ("Linear interpolation", "Connectivity", "Loss surfaces", "Curvature", "Mode convexity",
+                  "Mode determinism"):
+        assert title in page
     stored = json.loads((out / "results.json").read_text())
     assert stored["schema_version"] == SCHEMA_VERSION
     assert stored["config"]["train"]["epochs"] == 2
@@ -38,13 +41,26 @@ def test_writes_self_contained_html_and_versioned_json(tiny_report):
         # the endpoints of the path are the trained models
         assert interp[split]["accuracy"][0] == pytest.approx(members[0][split]["accuracy"], abs=1e-6)
         assert interp[split]["accuracy"][-1] == pytest.approx(members[1][split]["accuracy"], abs=1e-6)
-    assert set(stored["timings"]) >= {"train", "models", "interpolation", "total"}
+    assert set(stored["timings"]) >= {"train", "models", "interpolation", "connectivity", "surfaces", "curvature",
+                                      "convexity", "determinism", "total"}
+    sections = stored["sections"]
+    naive = sections["connectivity"]["table"]["naive"]["train"]["loss_barrier"]["mean"]
+    assert naive == pytest.approx(interp["train"]["barrier"]["linear"]["loss"], rel=1e-4, abs=1e-6)
+    assert len(sections["surfaces"]["random_plane"]["loss"]) == 15
+    assert sections["curvature"]["models"][0]["eigenvalues"]["eigenvalues"][0] > 0
+    assert 0 <= sections["convexity"]["summary"]["chord_fraction"]["mean"] <= 1
+
+
+def test_sections_can_be_switched_off(tmp_path):
+    cfg = {**TINY, "sections": OFF}
+    results = run_report(parse_config(cfg), tmp_path, log=lambda _m: None)
+    assert set(results["sections"]) == {"models", "interpolation"}
 
 
 def test_rerun_loads_checkpoints(tiny_report):
     out, first, _ = tiny_report
     logs = []
-    again = run_report(parse_config(TINY), out, log=logs.append)
+    again = run_report(parse_config({**TINY, "sections": OFF}), out, log=logs.append)  # same digest: cached
     assert all(m["cached"] for m in again["sections"]["models"]["members"])
     assert sum("loaded" in line for line in logs) == 2
     assert again["sections"]["interpolation"]["test"]["loss"] == first["sections"]["interpolation"]["test"]["loss"]
