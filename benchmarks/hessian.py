@@ -52,7 +52,7 @@ BATCH = 512
 
 
 # ----------------------------------------------------------------------------------- torch side
-def torch_side(weights: str, out: str, seed: int) -> None:
+def torch_side(weights: str, out: str, seed: int, device: str = "cpu") -> None:
     """Run PyHessian on the exported model; write timings and values to ``out`` (JSON)."""
     import numpy as np
     import torch
@@ -75,19 +75,25 @@ def torch_side(weights: str, out: str, seed: int) -> None:
         layers.append(lin)
         if i < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
-    x = torch.from_numpy(data["x"])
-    y = torch.from_numpy(data["y"]).long()
+    model = torch.nn.Sequential(*layers).to(device)
+    x = torch.from_numpy(data["x"]).to(device)
+    y = torch.from_numpy(data["y"]).long().to(device)
     loader = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
     crit = torch.nn.CrossEntropyLoss()
-    comp = pyhessian(model, crit, dataloader=loader, cuda=False)
-    res: dict = {"threads": torch.get_num_threads()}
+    comp = pyhessian(model, crit, dataloader=loader, cuda=device == "cuda")
+    res: dict = {"threads": torch.get_num_threads(), "device": device}
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     v = [torch.randn_like(p) for p in comp.params]
     comp.dataloader_hv_product(v)
+    sync()
     t0 = time.perf_counter()
     for _ in range(5):
         comp.dataloader_hv_product(v)
+    sync()
     res["hvp"] = (time.perf_counter() - t0) / 5
 
     for top_n in (1, 5):
@@ -187,7 +193,10 @@ def timed(fn, repeats: int = 1):
     return first, best, cpu, out
 
 
-def run_model(name: str, sizes: tuple[int, ...], x, y, *, seed: int, steps: int, rerun_peer: bool) -> dict:
+def run_model(
+    name: str, sizes: tuple[int, ...], x, y, *, seed: int, steps: int, rerun_peer: bool, device: str = "cpu",
+    peer_python: str | None = None,
+) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -221,8 +230,9 @@ def run_model(name: str, sizes: tuple[int, ...], x, y, *, seed: int, steps: int,
     tfile = RESULTS / f"{name}-pyhessian.json"
     if rerun_peer or not tfile.exists() or tfile.stat().st_mtime < wfile.stat().st_mtime:
         subprocess.run(
-            [str(TORCH_PY), __file__, "--torch-side", str(wfile), str(tfile), "--seed", str(seed)],
-            check=True, env={**os.environ, "PYTHONPATH": ""},
+            [peer_python or str(TORCH_PY), __file__, "--torch-side", str(wfile), str(tfile), "--seed", str(seed),
+             "--device", device],
+            check=True, env=os.environ if peer_python else {**os.environ, "PYTHONPATH": ""},
         )
     out["pyhessian"] = json.loads(tfile.read_text())
     print(f"[{name}] pyhessian done", flush=True)
@@ -343,21 +353,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300, help="full-batch Adam steps for training")
     parser.add_argument("--rerun-peer", action="store_true", help="rerun PyHessian even if its results exist")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="PyHessian's torch device")
+    parser.add_argument("--peer-python", default=None,
+                        help="a python with torch installed to run PyHessian with (skips creating the venv; "
+                             "pyhessian must be importable there)")
     parser.add_argument("--torch-side", nargs=2, metavar=("WEIGHTS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_side:
-        torch_side(*args.torch_side, seed=args.seed)
+        torch_side(*args.torch_side, seed=args.seed, device=args.device)
         return
 
     import jax.numpy as jnp
     from sklearn.datasets import load_digits
 
-    ensure_torch_venv()
+    if args.peer_python is None:
+        ensure_torch_venv()
     x_np, y_np = load_digits(return_X_y=True)
     x, y = jnp.asarray(x_np / 16.0, jnp.float32), jnp.asarray(y_np, jnp.int32)
     names = ["mlp-1k"] if args.quick else ["mlp-512", "mlp-1k"]
     results = [
-        run_model(nm, MODELS[nm], x, y, seed=args.seed, steps=args.steps, rerun_peer=args.rerun_peer) for nm in names
+        run_model(nm, MODELS[nm], x, y, seed=args.seed, steps=args.steps, rerun_peer=args.rerun_peer,
+                  device=args.device, peer_python=args.peer_python)
+        for nm in names
     ]
     text = "\n\n".join(table(r) for r in results)
     print(text)
