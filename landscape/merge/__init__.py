@@ -69,3 +69,7 @@ __all__ = [
     "zipit",
     "zipit_matching",
 ]
+
+from landscape.merge.tact import align_experts, head_leaves, tact  # noqa: E402
+
+__all__ += ["align_experts", "head_leaves", "tact"]

@@ -129,3 +129,13 @@ _ALL = [
 
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _ALL})
 """Name -> :class:`Method`, read-only."""
+
+from landscape.merge.tact import tact as _tact  # noqa: E402
+
+METHODS = MappingProxyType({
+    **METHODS,
+    "tact": _m("tact", _tact, "Sharma, Roy & Dziugaite 2024, The non-local model merging problem (TACT)",
+               "2410.12766", "per-task rescale+shift of hidden pre-activations to the expert's exact "
+               "per-unit mean/std on task data, folded into each layer; per-task heads kept",
+               ("data",)),
+})

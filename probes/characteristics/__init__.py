@@ -57,3 +57,7 @@ from probes.characteristics._connectivity import (  # noqa: E402
 )
 
 __all__ += ["CONNECTIVITY_METHODS", "ConnectivityResult", "ConnectivitySample", "connectivity", "connectivity_vs_width"]
+
+from probes.characteristics._directedness import DirectednessResult, directedness  # noqa: E402
+
+__all__ += ["DirectednessResult", "directedness"]
