@@ -401,6 +401,33 @@ def determinism_section(ctx: Context) -> Section:
     return Section("determinism", "Mode determinism", intro + figure_html(res.plot()), d)
 
 
+def directedness_section(ctx: Context) -> Section:
+    """Task vectors fine-tuned from a base on three tasks: cosines, ±λ curves, merges chosen on validation."""
+    from probes.characteristics._directedness import QUICK_DIRECTEDNESS, standard_directedness
+
+    key = ctx.section_key("directedness")
+    settings = dict(QUICK_DIRECTEDNESS) if ctx.level("directedness") == "quick" else {}
+    res = standard_directedness(key, ctx.dataset, **settings)
+    d = res.to_dict()
+    chosen, lams = np.asarray(res.chosen_test), np.asarray(res.chosen_lam)
+    rows = [[m, *[float(v) for v in chosen[i].mean(0)], float(chosen[i].mean()),
+             "—" if np.all(np.isnan(lams[i])) else float(np.nanmean(lams[i]))] for i, m in enumerate(res.methods)]
+    base = np.asarray(res.base_accuracy, dtype=float).reshape(-1)
+    if base.size == len(res.task_names):
+        rows.append(["base", *[float(v) for v in base], float(base.mean()), "—"])
+    same, cross = res.same_task_cosine, res.cross_task_cosine
+    intro = (
+        "<p>A base MLP is trained on all classes, then fine-tuned on three tasks (first half of the classes, second "
+        "half, permuted pixels) with several seeds each. Task vectors τ = θ_task − θ_base: cosine similarity "
+        f"within a task {_fmt(same[0])} ± {_fmt(same[1])}, across tasks {_fmt(cross[0])} ± {_fmt(cross[1])}; "
+        f"effective rank of all task vectors {_fmt(float(res.erank_all))}. Merge coefficients λ are chosen on a "
+        "validation split, never on test; the table gives test accuracy per task at that λ.</p>"
+    )
+    header = ["method", *list(res.task_names), "average", "λ (mean)"]
+    body = intro + _table(header, rows)
+    return Section("directedness", "Directedness and merging", body + figure_html(res.plot()), d)
+
+
 SECTIONS: tuple[tuple[str, Callable[[Context], Section]], ...] = (
     ("models", models_section),
     ("interpolation", interpolation_section),
@@ -409,6 +436,7 @@ SECTIONS: tuple[tuple[str, Callable[[Context], Section]], ...] = (
     ("curvature", curvature_section),
     ("convexity", convexity_section),
     ("determinism", determinism_section),
+    ("directedness", directedness_section),
 )
 SECTION_IDS = tuple(name for name, _ in SECTIONS)
 OPTIONAL_SECTIONS = ("connectivity", "surfaces", "curvature", "convexity", "determinism", "directedness")

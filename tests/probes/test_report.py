@@ -27,7 +27,7 @@ def test_writes_self_contained_html_and_versioned_json(tiny_report):
     assert page.startswith("<!DOCTYPE html>") and "Plotly.newPlot" in page
     assert not re.findall(r"<script[^>]*\bsrc=", page)  # plotly.js is inlined: opens offline
     for title in ("Linear interpolation", "Connectivity", "Loss surfaces", "Curvature", "Mode convexity",
-                  "Mode determinism"):
+                  "Mode determinism", "Directedness and merging"):
         assert title in page
     stored = json.loads((out / "results.json").read_text())
     assert stored["schema_version"] == SCHEMA_VERSION
@@ -42,13 +42,16 @@ def test_writes_self_contained_html_and_versioned_json(tiny_report):
         assert interp[split]["accuracy"][0] == pytest.approx(members[0][split]["accuracy"], abs=1e-6)
         assert interp[split]["accuracy"][-1] == pytest.approx(members[1][split]["accuracy"], abs=1e-6)
     assert set(stored["timings"]) >= {"train", "models", "interpolation", "connectivity", "surfaces", "curvature",
-                                      "convexity", "determinism", "total"}
+                                      "convexity", "determinism", "directedness", "total"}
     sections = stored["sections"]
     naive = sections["connectivity"]["table"]["naive"]["train"]["loss_barrier"]["mean"]
     assert naive == pytest.approx(interp["train"]["barrier"]["linear"]["loss"], rel=1e-4, abs=1e-6)
     assert len(sections["surfaces"]["random_plane"]["loss"]) == 15
     assert sections["curvature"]["models"][0]["eigenvalues"]["eigenvalues"][0] > 0
     assert 0 <= sections["convexity"]["summary"]["chord_fraction"]["mean"] <= 1
+    assert sections["determinism"]["spawn_steps"][0] == 0
+    cos = sections["directedness"]["cosine"]
+    assert all(c[i] == pytest.approx(1.0, abs=1e-5) for i, c in enumerate(cos))
 
 
 def test_sections_can_be_switched_off(tmp_path):
