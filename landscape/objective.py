@@ -69,7 +69,8 @@ class Objective:
             regression targets for ``"mse"``.
         loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(logits, y) -> (batch,)`` of
             per-example losses.
-        batch_size: examples per fixed-size batch; the number of batches is static.
+        batch_size: the largest number of examples per fixed-size batch; the number of batches
+            ``ceil(n / batch_size)`` is static and the batches are evened out.
 
     ``Objective`` is a pytree whose leaves are ``x`` and ``y``, so it can be passed through
     ``jax.jit``; ``apply_fn``, ``loss`` and ``batch_size`` are static.
@@ -144,10 +145,12 @@ class Objective:
 
     def batches(self) -> tuple[Array, Array, Array]:
         """``(xb, yb, mask)`` with shapes ``(B, batch, ...)``; padded rows repeat the last example
-        and carry ``mask = 0``. The batch size is ``min(batch_size, n)``."""
+        and carry ``mask = 0``. ``B = ceil(n / batch_size)`` and the batches are evened out to
+        ``ceil(n / B)`` examples, so at most ``B − 1`` rows are padding (1797 examples at
+        ``batch_size=512``: 4 batches of 450, not 4 of 512 with 251 padded rows)."""
         n = self.num_examples
-        bs = min(self.batch_size, n)
-        nb = -(-n // bs)
+        nb = -(-n // min(self.batch_size, n))
+        bs = -(-n // nb)  # the same number of batches, evened out: at most nb - 1 padded rows
         pad = nb * bs - n
 
         def padded(a: Array) -> Array:

@@ -90,3 +90,10 @@ def test_bad_input():
         Objective(mlp, x, y[:4], batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         Objective(mlp, jnp.zeros((0, 2)), jnp.zeros(0, jnp.int32))
+
+
+def test_batches_are_evened_out_and_masked():
+    obj = Objective(mlp, jnp.zeros((1797, 5)), jnp.zeros(1797, jnp.int32), batch_size=512)
+    xb, yb, mask = obj.batches()
+    assert xb.shape == (4, 450, 5) and yb.shape == (4, 450)
+    assert int(mask.sum()) == 1797 and not bool(mask[-1, -1])
