@@ -207,7 +207,11 @@ def repair_layers(
     return out
 
 
-def _fold(params: Params, scale_path: str, bias_path: str, s: np.ndarray, c: np.ndarray) -> Params:
+def fold_affine(params: Params, scale_path: str, bias_path: str, s: np.ndarray, c: np.ndarray) -> Params:
+    """Fold the per-unit affine map ``z -> s z + c`` of a layer's output into its parameters:
+    the leaf at ``scale_path`` (kernel columns or norm scale) is multiplied by ``s`` and the leaf at
+    ``bias_path`` becomes ``s · bias + c``. Shared by REPAIR and TACT."""
+
     def one(path: Any, x: Array) -> Array:
         name = tree.key_name(path)
         if name == scale_path:
@@ -311,7 +315,7 @@ def repair(
         s = np.where(denom > 0, sd_t / np.where(denom > 0, denom, 1.0), 1.0)
         c = mu_t - s * mu_m
         scale_path, bias_path = layers[n]
-        out = _fold(out, scale_path, bias_path, s, c)
+        out = fold_affine(out, scale_path, bias_path, s, c)
     return out
 
 

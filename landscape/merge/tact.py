@@ -60,6 +60,7 @@ import numpy as np
 
 from landscape import tree
 from landscape._types import Array, Key, Params
+from landscape.align.repair import fold_affine
 from landscape.objective import Objective
 
 __all__ = ["align_experts", "head_leaves", "tact"]
@@ -92,18 +93,6 @@ def _as_objective(data: Any, apply_fn: Any, batch_size: int, what: str) -> Objec
         return Objective(apply_fn, x, jnp.zeros((x.shape[0],), jnp.int32), batch_size=batch_size)
     msg = f"{what} must be an Objective or an input array (N, ...), got {type(data).__name__}"
     raise ValueError(msg)
-
-
-def _fold(params: Params, scale_path: str, bias_path: str, s: np.ndarray, c: np.ndarray) -> Params:
-    def one(path: Any, x: Array) -> Array:
-        name = tree.key_name(path)
-        if name == scale_path:
-            return (x * jnp.asarray(s, x.dtype)).astype(x.dtype)
-        if name == bias_path:
-            return (x * jnp.asarray(s, x.dtype) + jnp.asarray(c, x.dtype)).astype(x.dtype)
-        return x
-
-    return jax.tree.map_with_path(one, params)
 
 
 def _copy_leaves(dst: Params, src: Params, names: Sequence[str]) -> Params:
@@ -209,7 +198,7 @@ def tact(
             denom = np.sqrt(sd_m**2 + eps)
             s = np.where(denom > 0, sd_e / np.where(denom > 0, denom, 1.0), 1.0)
             c = mu_e - s * mu_m
-            params = _fold(params, *layers[n], s, c)
+            params = fold_affine(params, *layers[n], s, c)
         if heads:
             params = _copy_leaves(params, expert, heads)
         out.append(params)
