@@ -144,17 +144,25 @@ def _check_ts(ts: Array) -> Array:
     return ts
 
 
-def evaluate_path(objective: Objective, path: Path, ts: Array, *, chunk: int | None = None) -> PathResult:
+def evaluate_path(
+    objective: Objective, path: Path, ts: Array, *, chunk: int | None = None, reset: Array | None = None
+) -> PathResult:
     """Evaluate ``objective`` at ``path(t)`` for every ``t`` in ``ts``.
 
     Points are evaluated with ``lax.map`` over chunks of ``chunk`` points, ``jax.vmap`` inside each
     chunk (``chunk=None`` vmaps all points at once; ``chunk=1`` is sequential — the smallest memory).
     Jittable; no recompilation for new values of ``ts`` of the same length.
+
+    ``reset``: for BatchNorm models (a zoo ``apply_fn`` with ``state``), inputs on which every
+    point's running statistics are recomputed before it is evaluated (RESET, Jordan et al. 2022;
+    Garipov et al.'s ``update_bn``) — the points then run one at a time.
     """
     ts = _check_ts(ts)
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         msg = f"chunk must be a positive int or None, got {chunk!r}"
         raise ValueError(msg)
+    if reset is not None:
+        return _evaluate_with_reset(objective, path, ts, reset)
 
     def at(t: Array) -> tuple[Array, Array]:
         out = objective.evaluate(path(t))
@@ -163,6 +171,23 @@ def evaluate_path(objective: Objective, path: Path, ts: Array, *, chunk: int | N
     batch = ts.shape[0] if chunk is None else min(chunk, ts.shape[0])
     loss, acc = jax.lax.map(at, ts, batch_size=batch)
     return PathResult(ts=ts, loss=loss, accuracy=acc)
+
+
+def _evaluate_with_reset(objective: Objective, path: Path, ts: Array, x: Array) -> PathResult:
+    from landscape.align import reset as reset_statistics
+
+    apply_fn = objective.apply_fn
+    if not getattr(apply_fn, "state", None) or not hasattr(apply_fn, "with_state"):
+        msg = "reset= needs a model with BatchNorm state (a zoo apply_fn with .state and .with_state)"
+        raise ValueError(msg)
+    losses, accs = [], []
+    for t in np.asarray(ts):
+        params = path(float(t))
+        state = reset_statistics(apply_fn, params, apply_fn.state, x)
+        out = objective.replace(apply_fn=apply_fn.with_state(state)).evaluate(params)
+        losses.append(out["loss"])
+        accs.append(out["accuracy"])
+    return PathResult(ts=ts, loss=jnp.stack(losses), accuracy=jnp.stack(accs))
 
 
 def interpolate(
@@ -261,7 +286,8 @@ def fit_curve(
 
     one ``t`` and one minibatch per step, as in the reference code. Nothing about the model's layers
     is rewritten: the curve is a function ``t -> params`` and any params pytree works. Models with
-    BatchNorm (``apply_fn.apply_train``) use batch statistics while fitting.
+    BatchNorm (``apply_fn.apply_train``) use batch statistics while fitting, and their running
+    statistics are recomputed on the training inputs at every evaluated ``t``.
 
     Args:
         key: randomness for ``t`` and the minibatches.
@@ -328,5 +354,7 @@ def fit_curve(
     trained, losses, ts = run(tree.stack(inner), key, objective.x, objective.y)
     points = jax.tree.map(lambda x0, m, x1: jnp.concatenate([x0[None], m, x1[None]]), a, trained, b)
     ev = eval_objective if eval_objective is not None else objective
-    result = evaluate_path(ev, make(points), jnp.linspace(0.0, 1.0, num_eval), chunk=5)
+    has_bn = bool(getattr(objective.apply_fn, "state", None))
+    result = evaluate_path(ev, make(points), jnp.linspace(0.0, 1.0, num_eval), chunk=5,
+                           reset=objective.x if has_bn else None)
     return CurveFit(kind, points, result, np.asarray(losses), np.asarray(ts))

@@ -120,3 +120,26 @@ def test_fit_curve_keeps_endpoints_and_lowers_loss(setup):
         fit_curve(jax.random.key(0), obj, a, b, kind="spline")
     with pytest.raises(ValueError, match="init gives 1 bends"):
         fit_curve(jax.random.key(0), obj, a, b, bends=2, init=[a])
+
+
+def test_batchnorm_statistics_are_recomputed_at_every_t():
+    from landscape import align, models
+
+    x = jax.random.normal(jax.random.key(0), (24, 8, 8, 1))
+    y = jax.random.randint(jax.random.key(1), (24,), 0, 3)
+    fa, pa, sa = models.functional(models.build("cnn", jax.random.key(2), in_channels=1, num_classes=3,
+                                                widths=(4,), norm="batch"))
+    _, pb, _ = models.functional(models.build("cnn", jax.random.key(3), in_channels=1, num_classes=3,
+                                              widths=(4,), norm="batch"))
+    obj = Objective(fa, x, y, batch_size=10)
+    res = evaluate_path(obj, paths.linear(pa, pb), jnp.array([0.0, 0.5, 1.0]), reset=x)
+    for i, params in ((0, pa), (2, pb)):  # each end equals its own model with RESET statistics
+        state = align.reset(fa, params, sa, x)
+        ref = obj.replace(apply_fn=fa.with_state(state)).evaluate(params)
+        np.testing.assert_allclose(res.loss[i], ref["loss"], rtol=1e-5)
+    plain = evaluate_path(obj, paths.linear(pa, pb), jnp.array([0.0, 0.5, 1.0]))
+    assert abs(float(plain.loss[2]) - float(res.loss[2])) > 1e-6  # stale statistics differ
+    with pytest.raises(ValueError, match="BatchNorm state"):
+        evaluate_path(Objective(mlp, x.reshape(24, -1)[:, :3], y), paths.linear(
+            {"w1": jnp.zeros((3, 4)), "w2": jnp.zeros((4, 2))}, {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}),
+            jnp.array([0.0, 1.0]), reset=x)
