@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from landscape import tree
 from landscape._types import Array, Params
-from landscape.align.spec import Permutation, PermutationSpec, check_spec
+from landscape.align.spec import Permutation, PermutationSpec
+from landscape.align.weight_matching import check_inputs
 from landscape.objective import Objective
 
 __all__ = ["ACTIVATION_METHODS", "ActivationMatchingInfo", "activation_matching", "cross_statistics"]
@@ -248,12 +248,7 @@ def activation_matching(
     if not isinstance(objective, Objective):
         msg = f"objective must be a landscape.Objective (the data to match on), got {type(objective).__name__}"
         raise ValueError(msg)
-    if not isinstance(spec, PermutationSpec):
-        msg = f"spec must be a PermutationSpec, got {type(spec).__name__}"
-        raise ValueError(msg)
-    check_spec(spec, a)
-    check_spec(spec, b)
-    tree.check_match(a, b)
+    check_inputs(spec, a, b)
     if not eps >= 0:
         msg = f"eps must be >= 0, got {eps!r}"
         raise ValueError(msg)

@@ -207,6 +207,16 @@ def repair_layers(
     return out
 
 
+def check_layers(layers: Mapping[str, tuple[str, str]], params: Params) -> None:
+    """Every ``(scale leaf, shift leaf)`` of ``layers`` must name a leaf of ``params`` (ValueError otherwise)."""
+    leaves = dict(tree.named_leaves(params))
+    for n, pair in layers.items():
+        for p in pair:
+            if p not in leaves:
+                msg = f"layers[{n!r}] names {p!r}, which is not a params leaf; leaves: {sorted(leaves)}"
+                raise ValueError(msg)
+
+
 def fold_affine(params: Params, scale_path: str, bias_path: str, s: np.ndarray, c: np.ndarray) -> Params:
     """Fold the per-unit affine map ``z -> s z + c`` of a layer's output into its parameters:
     the leaf at ``scale_path`` (kernel columns or norm scale) is multiplied by ``s`` and the leaf at
@@ -281,12 +291,7 @@ def repair(
             raise ValueError(msg)
         layers = repair_layers(spec, merged)
     else:
-        leaves = dict(tree.named_leaves(merged))
-        for n, pair in layers.items():
-            for p in pair:
-                if p not in leaves:
-                    msg = f"layers[{n!r}] names {p!r}, which is not a params leaf; leaves: {sorted(leaves)}"
-                    raise ValueError(msg)
+        check_layers(layers, merged)
     objective = _as_objective(objective_or_x, apply_fn, batch_size)
     tapped = _tapped(apply_fn, merged, objective.x, "pre")
     for n, (scale_path, bias_path) in layers.items():

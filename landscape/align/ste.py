@@ -51,8 +51,8 @@ import optax
 
 from landscape import tree
 from landscape._types import Array, Key, Params
-from landscape.align.spec import Permutation, PermutationSpec, apply, check_spec
-from landscape.align.weight_matching import check_key, weight_matching
+from landscape.align.spec import Permutation, PermutationSpec, apply
+from landscape.align.weight_matching import check_inputs, check_key, weight_matching
 from landscape.objective import Objective
 
 __all__ = ["STE_SELECT", "STEInfo", "ste_matching"]
@@ -150,9 +150,7 @@ def ste_matching(
     if not isinstance(objective, Objective):
         msg = f"objective must be a landscape.Objective, got {type(objective).__name__}"
         raise ValueError(msg)
-    check_spec(spec, a)
-    check_spec(spec, b)
-    tree.check_match(a, b)
+    check_inputs(spec, a, b)
     for name, v in (("steps", steps), ("max_iter", max_iter)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             msg = f"{name} must be a positive int, got {v!r}"

@@ -130,7 +130,9 @@ def check_init(spec: PermutationSpec, init: Permutation, sizes: Mapping[str, int
     return out
 
 
-def _check_inputs(spec: PermutationSpec, a: Params, b: Params) -> dict[str, int]:
+def check_inputs(spec: PermutationSpec, a: Params, b: Params) -> dict[str, int]:
+    """Check that ``spec`` fits both models and that they match (ValueError naming the path);
+    returns the permutation sizes. Shared by every matcher."""
     if not isinstance(spec, PermutationSpec):
         msg = f"spec must be a PermutationSpec, got {type(spec).__name__}"
         raise ValueError(msg)
@@ -192,7 +194,7 @@ def weight_matching(
             ``init`` is not a permutation of the right sizes.
     """
     check_key(key, "weight_matching")
-    sizes = _check_inputs(spec, a, b)
+    sizes = check_inputs(spec, a, b)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         msg = f"max_iter must be a positive int, got {max_iter!r}"
         raise ValueError(msg)

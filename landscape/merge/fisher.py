@@ -86,7 +86,14 @@ def fisher_diagonal(objective: Objective | None, params: Params, *, kind: str = 
             jac,
         )
 
-    def fn(xb: Array, yb: Array, mb: Array) -> Params:
+    return dataset_mean(objective, per_example)
+
+
+def dataset_mean(objective: Objective, per_example: Any) -> Any:
+    """``(1/n) Σ_i per_example(x_i, y_i)`` over the objective's whole dataset (integer labels, or the
+    argmax of one-hot targets), vmapped within the fixed batches, padded rows masked out."""
+
+    def fn(xb: Array, yb: Array, mb: Array) -> Any:
         per = jax.vmap(per_example)(xb, _labels(yb))
         return jax.tree.map(lambda t: jnp.sum(bcast(mb.astype(t.dtype), t) * t, axis=0), per)
 

@@ -35,6 +35,7 @@ from jax.scipy.sparse.linalg import cg
 from landscape import tree
 from landscape._types import Array, Params
 from landscape.merge._inputs import acc_dtype, as_stacked, bcast, check_choice, check_weights
+from landscape.merge.fisher import dataset_mean
 from landscape.merge.regmean import FeaturesFn
 from landscape.objective import Objective
 
@@ -128,13 +129,7 @@ def kfac_fisher(
 
         return jax.tree_util.tree_map_with_path(leaf, jac)
 
-    def fn(xb: Array, yb: Array, mb: Array) -> Params:
-        y = yb if jnp.issubdtype(yb.dtype, jnp.integer) else jnp.argmax(yb, axis=-1)
-        per = jax.vmap(per_example)(xb, y)
-        return jax.tree.map(lambda t: jnp.sum(bcast(mb.astype(t.dtype), t) * t, axis=0), per)
-
-    total = objective.map_batches(fn)
-    return jax.tree.map(lambda t: t / objective.num_examples, total)
+    return dataset_mean(objective, per_example)
 
 
 def mats(

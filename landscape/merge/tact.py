@@ -59,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from landscape import tree
-from landscape._types import Array, Key, Params
-from landscape.align.repair import fold_affine
+from landscape._types import Key, Params
+from landscape.align.repair import check_layers, fold_affine
 from landscape.objective import Objective
 
 __all__ = ["align_experts", "head_leaves", "tact"]
@@ -173,12 +173,7 @@ def tact(
         raise ValueError(msg)
     if layers is None:
         layers = repair_layers(spec, merged)
-    leaves = dict(tree.named_leaves(merged))
-    for n, pair in layers.items():
-        for p in pair:
-            if p not in leaves:
-                msg = f"layers[{n!r}] names {p!r}, which is not a params leaf; leaves: {sorted(leaves)}"
-                raise ValueError(msg)
+    check_layers(layers, merged)
     heads = head_leaves(spec, merged) if head == "expert" else ()
     tapped = jax.eval_shape(lambda p, xb: apply_fn.intermediates(p, xb, kind="pre"), merged, objs[0].x[:1])
     missing = [n for n in layers if n not in tapped]
