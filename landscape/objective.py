@@ -32,9 +32,33 @@ from landscape._types import ApplyFn, Array, LossFn, Params
 __all__ = ["LOSSES", "Objective"]
 
 
+def _cross_entropy_labels(logits: Array, y: Array) -> Array:
+    """``−log softmax(z)_y`` for integer labels, accurate to the last bit at a confident fit.
+
+    With margins ``d_k = z_k − z_y`` and the shift ``s = max(0, max_{k≠y} d_k)`` (held constant
+    under differentiation, as in any log-sum-exp) the loss is
+
+    .. math::  ℓ = s + \\operatorname{log1p}\\big(\\operatorname{expm1}(−s) + Σ_{k≠y} e^{d_k − s}\\big).
+
+    The usual ``logsumexp(z) − z_y`` subtracts two numbers of size ``|z|`` to get a loss that is
+    tiny once the model fits (``log(1 + δ) ≈ δ``), losing ``log10(|z| / δ)`` digits; its autodiff
+    gradient ``p_y − 1`` and Hessian inherit the cancellation (float32 Hessian eigenvalues of a
+    well-trained digits MLP came out 1.5e-5 off in relative terms, against 1e-6 with this form).
+    Here a confident example (``s = 0``) gives ``log1p`` of a sum of small terms, and the
+    derivatives are sums of the small probabilities ``p_k, k ≠ y``; a misclassified one
+    (``s > 0``) has ``ℓ > log 2`` and nothing cancels.
+    """
+    zy = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)
+    d = logits - zy
+    others = jnp.arange(logits.shape[-1]) != y[..., None]
+    shift = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.where(others, d, -jnp.inf), axis=-1), 0))
+    terms = jnp.where(others, jnp.exp(d - shift[..., None]), jnp.zeros_like(d))
+    return shift + jnp.log1p(jnp.expm1(-shift) + jnp.sum(terms, axis=-1))
+
+
 def _cross_entropy(logits: Array, y: Array) -> Array:
     if jnp.issubdtype(y.dtype, jnp.integer):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return _cross_entropy_labels(logits, y)
     return optax.softmax_cross_entropy(logits, y)
 
 

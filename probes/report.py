@@ -344,7 +344,7 @@ def curvature_section(ctx: Context) -> Section:
     header = ["model", "λ_max", "residual", "trace", "± s.e.", "mass below 0 (SLQ)"]
     body = ("<p>Curvature of the training loss: top eigenvalues by Lanczos with full reorthogonalisation "
             "(residual ‖Hv − λv‖), trace by Hutchinson/XTrace with its standard error, and the spectral density "
-            "by stochastic Lanczos quadrature (matfree).</p>" + _table(header, rows) + body_fig)
+            "by stochastic Lanczos quadrature (probes.lanczos).</p>" + _table(header, rows) + body_fig)
     body += "<p>Sharpness along the linear path between models 0 and 1.</p>" + figure_html(along.plot())
     return Section("curvature", "Curvature", body, {"models": per_model, "along_path": along.to_dict()})
 

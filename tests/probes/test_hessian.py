@@ -349,3 +349,91 @@ def test_non_finite_loss_is_reported_not_hidden(mlp):
     assert not bool(H.density(key, nan_obj, p, num_probes=64, num_steps=8).finite)
     power = H.power_iteration(key, nan_obj, p, k=2, max_iter=500, tol=1e-8)
     assert not bool(np.any(power.converged)) and np.all(np.asarray(power.num_iterations) == 500)
+
+
+# ----------------------------------------------------------------- early stopping and linearising
+def test_default_lanczos_stops_once_the_wanted_pairs_converge(mlp):
+    obj, p, _, evals = mlp
+    res = H.eigenvalues(jax.random.key(11), obj, p, k=3)  # num_steps=None: stop on tol=1e-3
+    assert bool(res.converged) and 3 <= int(res.num_matvecs) < 43
+    scale = np.max(np.abs(evals))
+    assert np.all(np.asarray(res.residuals) <= 1e-3 * scale)
+    for val, r in zip(np.asarray(res.eigenvalues), np.asarray(res.residuals)):
+        assert np.min(np.abs(evals - val)) <= r * (1 + 1e-8)  # a Ritz value is within its residual
+    tight = H.eigenvalues(jax.random.key(11), obj, p, k=3, which="both", tol=1e-10, max_steps=43)
+    assert rel(tight.eigenvalues, np.concatenate([evals[::-1][:3], evals[:3]])) < 1e-8
+    assert int(tight.num_matvecs) >= int(res.num_matvecs)
+    capped = H.eigenvalues(jax.random.key(11), obj, p, k=3, which="bottom", tol=1e-14, max_steps=8)
+    assert int(capped.num_matvecs) == 8 and not bool(capped.converged)  # ran out, and says so
+    assert json.loads(json.dumps(res.to_dict()))["num_matvecs"] == int(res.num_matvecs)
+
+
+@jax.jit
+def _hoisted_vs_recomputed(obj, p, u):
+    select = (True,) * len(jax.tree.leaves(p))
+    out = {}
+    for c in H.CURVATURES:
+        prob = H._problem(obj, p, select, c)
+        out[c] = (prob.operator(True)(u), prob.operator(False)(u))
+    return out
+
+
+def test_hoisted_products_equal_recomputed_ones(mlp):
+    obj, p, dense, _ = mlp
+    u = jax.random.normal(jax.random.key(12), (43,))
+    for curvature, (hoisted, recomputed) in _hoisted_vs_recomputed(obj, p, u).items():
+        np.testing.assert_allclose(hoisted, recomputed, rtol=1e-11, atol=1e-13, err_msg=curvature)
+    np.testing.assert_allclose(_hoisted_vs_recomputed(obj, p, u)["hessian"][0], dense @ np.asarray(u), rtol=1e-10)
+    key = jax.random.key(13)
+    a, b = (H.eigenvalues(key, obj, p, k=2, num_steps=20, linearize=lin) for lin in (True, False))
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-11)
+
+
+def test_density_without_reorthogonalisation_keeps_the_moments(mlp):
+    obj, p, _, evals = mlp
+    full = H.density(jax.random.key(7), obj, p, num_probes=64, num_steps=8)
+    plain = H.density(jax.random.key(7), obj, p, num_probes=64, num_steps=8, reorthogonalize=False)
+    for power in (1, 2, 3):  # 8 steps on 43 parameters: Gauss quadrature exact either way
+        assert float(plain.moment(power)) == pytest.approx(float(full.moment(power)), rel=1e-6)
+
+
+def test_float32_curvature_at_a_confident_fit_matches_float64():
+    """At near-zero loss the cross-entropy's curvature comes from probabilities 1 − p_y ~ 1e-5;
+    written as logsumexp(z) − z_y (optax), float32 loses 3-4 digits there; the built-in loss
+    (``_cross_entropy_labels``) and the shifted Fisher product keep them."""
+    import optax
+
+    with jax.enable_x64(True):
+        obj, p = make_mlp(seed=3, n=200, c=3)
+        p = {"layers": {"0": p["layers"]["0"], "1": tree.scale(p["layers"]["1"], 20.0)}}
+        z = np.asarray(obj.apply_fn(p, obj.x))
+        top2 = np.sort(z, axis=-1)[:, -2:]
+        keep = top2[:, 1] - top2[:, 0] > 9.0  # confident examples, labelled with the model's prediction
+        obj64 = Objective(obj.apply_fn, obj.x[keep], jnp.argmax(z[keep], axis=-1), batch_size=8)
+        loss64 = float(obj64.loss(p))
+        top64 = np.linalg.eigvalsh(np.asarray(H.dense_matrix(obj64, p)))[::-1][:3]
+        fisher64 = np.asarray(H.dense_matrix(obj64, p, curvature="fisher"))
+    assert keep.sum() > 50 and loss64 < 1e-4
+    with jax.enable_x64(False):
+        obj32 = obj64.replace(x=jnp.asarray(obj64.x, jnp.float32), y=jnp.asarray(obj64.y, jnp.int32))
+        p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+        naive = obj32.replace(loss=optax.softmax_cross_entropy_with_integer_labels)
+        errors = {}
+        for name, o in (("ours", obj32), ("logsumexp", naive)):
+            top32 = np.asarray(H.eigenvalues(jax.random.key(0), o, p32, k=3, num_steps=40).eigenvalues, np.float64)
+            errors[name] = (abs(float(o.loss(p32)) - loss64) / loss64, np.max(np.abs(top32 - top64) / top64))
+        fisher32 = np.asarray(H.dense_matrix(obj32, p32, curvature="fisher"))
+    assert errors["ours"][0] < 1e-5 and errors["ours"][1] < 2e-5
+    assert errors["logsumexp"][0] > 1e-3 and errors["logsumexp"][1] > 1e-4  # the control: same model, optax loss
+    assert np.abs(fisher32 - fisher64).max() < 1e-5 * np.abs(fisher64).max()
+
+
+def test_stopping_arguments_are_checked(mlp):
+    obj, p, _, _ = mlp
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="not both"):
+        H.eigenvalues(key, obj, p, num_steps=10, max_steps=20)
+    with pytest.raises(ValueError, match="max_steps"):
+        H.eigenvalues(key, obj, p, k=3, max_steps=2)
+    with pytest.raises(ValueError, match="tol"):
+        H.eigenvalues(key, obj, p, tol=0.0)
