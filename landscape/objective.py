@@ -33,7 +33,7 @@ __all__ = ["LOSSES", "Objective"]
 
 
 def _cross_entropy_labels(logits: Array, y: Array) -> Array:
-    """``−log softmax(z)_y`` for integer labels, accurate to the last bit at a confident fit.
+    """``−log softmax(z)_y`` for integer labels, with full relative precision at a confident fit.
 
     With margins ``d_k = z_k − z_y`` and the shift ``s = max(0, max_{k≠y} d_k)`` (held constant
     under differentiation, as in any log-sum-exp) the loss is
