@@ -10,9 +10,12 @@ instead takes the structure from ``template`` (any pytree, e.g. an ``nnx.State``
 Formats, chosen by the suffix:
 
 * ``.safetensors`` (https://github.com/huggingface/safetensors): tensors in the file body; user
-  metadata as header entries ``{key: json.dumps(value)}`` (readable by any safetensors tool), the
-  structure record under the reserved header key ``"__landscape__"``. Supports bool, (u)int8-64,
-  float16/32/64, bfloat16, the float8 types and complex64.
+  metadata as header entries, strings as they are (``{"format": "pt"}`` reads back in any
+  safetensors tool as ``"pt"``, as transformers expects) and numbers / booleans as JSON text, the
+  structure record (which also lists the string-valued keys, so ``"1"`` stays a string) under the
+  reserved header key ``"__landscape__"``. A leaf may not be named ``"__metadata__"`` (the header
+  key safetensors reserves). Supports bool, (u)int8-64, float16/32/64, bfloat16, the float8 types
+  and complex64.
 * ``.npz``: one ``.npy`` entry per tensor, written and read with ``allow_pickle=False``, and the
   record (structure, metadata, and the true dtype of ml_dtypes leaves such as bfloat16, which are
   stored as same-width unsigned integers) as UTF-8 JSON bytes in the entry ``"__landscape__"``.
@@ -23,8 +26,13 @@ dtypes. Loaded leaves are host ``numpy.ndarray`` s (exact for
 every dtype, including float64 when JAX runs without x64); wrap with ``jax.device_put`` to move them
 to a device. Python scalars among the leaves are stored as NumPy would store them (a float becomes a
 0-d float64 array). Writes are atomic (temporary file in the target folder, ``fsync``,
-``os.replace``): a crash or error mid-write leaves any previous file intact. Files written by other
+``os.replace``): a crash or error mid-write leaves any previous file intact. The temporary file is
+named ``.<name>.landscape-tmp-<pid>-<random>.tmp``; one left by a process that was killed (its pid
+no longer runs) is removed by the next save to the same target. Files written by other
 tools load too: without a structure record, tensor names are split on ``"/"`` into nested dicts.
+For Hugging Face / PyTorch model folders (sharded, read lazily tensor by tensor, written as
+transformers expects, PyTorch <-> Flax layouts) see :mod:`landscape.checkpoints`, whose main names
+are re-exported here.
 
 Example:
     >>> import tempfile, pathlib, numpy as np
@@ -44,7 +52,6 @@ import json
 import os
 import pathlib
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -57,14 +64,38 @@ import safetensors
 from jax.tree_util import DictKey, SequenceKey
 
 from landscape._types import Params
-from landscape.tree import check_match, key_name, named_leaves
+from landscape.checkpoints import (
+    CheckpointReader,
+    CheckpointWriter,
+    LayoutMapping,
+    Rule,
+    from_torch_state_dict,
+    open_checkpoint,
+    remove_stale_temps,
+    temp_name,
+    to_torch_state_dict,
+)
+from landscape.tree import key_name, named_leaves
 
-__all__ = ["FORMATS", "load", "read_metadata", "save"]
+__all__ = [
+    "FORMATS",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "LayoutMapping",
+    "Rule",
+    "from_torch_state_dict",
+    "load",
+    "open_checkpoint",
+    "read_metadata",
+    "save",
+    "to_torch_state_dict",
+]
 
 FORMATS = (".safetensors", ".npz")
 """Accepted file suffixes."""
 
 _RECORD = "__landscape__"
+_SAFETENSORS_RESERVED = "__metadata__"
 _FORMAT = "landscape.io"
 _VERSION = 1
 _MetaValue = str | int | float | bool
@@ -307,6 +338,12 @@ def _flatten_for_save(params: Params, fmt: str) -> tuple[Any, dict[str, np.ndarr
         if not name or name == _RECORD:
             msg = f"cannot save a leaf named {name!r}: that name is empty or reserved"
             raise ValueError(msg)
+        if fmt == ".safetensors" and name == _SAFETENSORS_RESERVED:
+            msg = (
+                f"cannot save a leaf named {name!r} to .safetensors: safetensors reserves that header "
+                "key for metadata, so the file could not be read back; rename the leaf or use .npz"
+            )
+            raise ValueError(msg)
         arrays[name] = _leaf_array(name, leaf, fmt)
     expected = sorted(n for n, _ in named_leaves(params))
     if sorted(arrays) != expected:
@@ -339,8 +376,9 @@ def _verify_crc(record: dict[str, Any], tensors: dict[str, np.ndarray], where: s
 
 
 def _write_safetensors(f: IO[bytes], arrays: dict[str, np.ndarray], structure: Any, meta: dict[str, _MetaValue]) -> None:
-    header = {k: json.dumps(v) for k, v in meta.items()}
-    header[_RECORD] = json.dumps(_record(structure, arrays))
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    strings = sorted(k for k, v in meta.items() if isinstance(v, str))
+    header[_RECORD] = json.dumps(_record(structure, arrays, strings=strings))
     specs = {
         name: safetensors.TensorSpec(
             dtype=arr.dtype.name, shape=list(arr.shape), data_ptr=arr.ctypes.data, data_len=arr.nbytes
@@ -364,7 +402,9 @@ def _write_npz(f: IO[bytes], arrays: dict[str, np.ndarray], structure: Any, meta
 
 def _atomic_write(path: pathlib.Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write via a temporary file in ``path``'s folder, fsync it, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    tmp = f"{temp_name(path)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     done = False
     try:
         with os.fdopen(fd, "wb") as f:
@@ -466,6 +506,31 @@ def _parse_record(text: str | bytes, where: str) -> dict[str, Any]:
     return record
 
 
+def _decode_meta(raw: dict[str, str], record: dict[str, Any] | None, where: str) -> dict[str, _MetaValue]:
+    """Header metadata values: plain strings where the record lists them, JSON text otherwise."""
+    strings = record.get("strings") if record is not None else None
+    if strings is None:  # foreign files and files written before plain strings
+        return {k: _decode_meta_value(v) for k, v in sorted(raw.items())}
+    if not isinstance(strings, list) or not all(isinstance(k, str) for k in strings):
+        msg = f"{where}: malformed string-key list in the {_RECORD!r} record"
+        raise ValueError(msg)
+    plain = set(strings)
+    out: dict[str, _MetaValue] = {}
+    for k, v in sorted(raw.items()):
+        if k in plain:
+            out[k] = v
+            continue
+        try:
+            value = json.loads(v)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, str) or not isinstance(value, (int, float, bool)):
+            msg = f"{where}: metadata {k!r} = {v!r} is not the JSON number / boolean the record says it is"
+            raise ValueError(msg)
+        out[k] = value
+    return out
+
+
 def _decode_meta_value(raw: str) -> _MetaValue:
     try:
         value = json.loads(raw)
@@ -558,8 +623,7 @@ def _read(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any] | N
         record = _parse_record(raw.pop(_RECORD), where) if _RECORD in raw else None
         if record is not None:
             _verify_crc(record, tensors, where)
-        meta = {k: _decode_meta_value(v) for k, v in sorted(raw.items())}
-        return tensors, record, meta
+        return tensors, record, _decode_meta(raw, record, where)
     tensors, record = _read_npz(path, where)
     if record is not None:
         _verify_crc(record, tensors, where)
@@ -593,8 +657,11 @@ def _fill_like(like: Params, tensors: dict[str, np.ndarray], where: str) -> Para
         raise ValueError(msg)
     treedef = jax.tree.structure(like)
     loaded = jax.tree.unflatten(treedef, [tensors[n] for n in names])
-    check_match(like, loaded, names=("like", where))
+    # shapes and dtypes by hand: like may hold jax.ShapeDtypeStruct leaves (from jax.eval_shape)
     for (name, want), got in zip(named, (tensors[n] for n in names)):
+        if tuple(np.shape(want)) != got.shape:
+            msg = f"params do not match at {name!r}: like has shape {tuple(np.shape(want))}, {where} has shape {got.shape}"
+            raise ValueError(msg)
         if _dtype_of(want) != got.dtype:
             msg = f"params do not match at {name!r}: like has dtype {_dtype_of(want)}, {where} has dtype {got.dtype}"
             raise ValueError(msg)
@@ -665,6 +732,5 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, _MetaValue]:
     except safetensors.SafetensorError as e:
         msg = f"{where}: not a valid safetensors file ({e})"
         raise ValueError(msg) from e
-    if _RECORD in raw:
-        _parse_record(raw.pop(_RECORD), where)
-    return {k: _decode_meta_value(v) for k, v in sorted(raw.items())}
+    record = _parse_record(raw.pop(_RECORD), where) if _RECORD in raw else None
+    return _decode_meta(raw, record, where)

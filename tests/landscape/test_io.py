@@ -354,3 +354,104 @@ def test_refuses_a_foreign_or_newer_structure_record(tmp_path):
         safetensors.numpy.save_file(w, path, metadata={"__landscape__": record})
         with pytest.raises(ValueError, match=rf"{name}\.safetensors.*(record|version)"):
             io.load(path)
+
+
+# ------------------------------------------------------------------ issue 12: file safety, plain metadata
+
+
+def test_leaf_named_metadata_is_refused_before_writing(tmp_path):
+    path = io.save(tmp_path / "m.safetensors", {"w": np.ones(2, np.float32)})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"leaf named '__metadata__' to \.safetensors"):
+        io.save(path, {"__metadata__": np.zeros(2, np.float32)})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+    # .npz has no such reserved name: the leaf round-trips there
+    tree = {"__metadata__": np.arange(3, dtype=np.int32)}
+    assert _same(tree, io.load(io.save(tmp_path / "m.npz", tree))[0])
+
+
+def test_string_metadata_is_written_plain_for_other_tools(tmp_path):
+    meta = {"format": "pt", "digits": "12", "quoted": '"x"', "step": 12, "lr": 0.5, "ok": True}
+    path = io.save(tmp_path / "m.safetensors", {"w": np.ones(1, np.float32)}, metadata=meta)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        raw = f.metadata()
+    assert raw["format"] == "pt" and raw["digits"] == "12" and raw["quoted"] == '"x"'
+    assert raw["step"] == "12" and raw["lr"] == "0.5" and raw["ok"] == "true"
+    assert io.load(path)[1] == meta and io.read_metadata(path) == meta
+    assert type(io.load(path)[1]["digits"]) is str
+
+
+def test_files_with_json_quoted_strings_still_load(tmp_path):
+    """Files written before plain strings (no string-key list in the record) read as before."""
+    import json
+
+    record = {"format": "landscape.io", "version": 1, "structure": {"dict": [["w", {"leaf": "w"}]]}, "crc32": {}}
+    path = tmp_path / "old.safetensors"
+    safetensors.numpy.save_file(
+        {"w": np.ones(1, np.float32)}, path, metadata={"name": json.dumps("run"), "step": "3", "__landscape__": json.dumps(record)}
+    )
+    assert io.load(path)[1] == {"name": "run", "step": 3} == io.read_metadata(path)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_stale_temporary_of_a_killed_save_is_removed_by_the_next_save(tmp_path, suffix):
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    name = f"m{suffix}"
+    stale = tmp_path / f".{name}.landscape-tmp-{dead}-0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".{name}.landscape-tmp-{os.getpid()}-0123abcd.tmp"  # a save in progress: kept
+    live.write_bytes(b"in progress")
+    other = tmp_path / f".other{suffix}.landscape-tmp-{dead}-0123abcd.tmp"  # another target: kept
+    other.write_bytes(b"x")
+    io.save(tmp_path / name, {"w": np.ones(1, np.float32)})
+    assert sorted(os.listdir(tmp_path)) == sorted([name, live.name, other.name])
+
+
+def test_sigkill_mid_save_leaves_the_old_file_and_the_orphan_is_cleaned(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = io.save(tmp_path / "m.safetensors", {"w": np.zeros(2, np.float32)})
+    before = path.read_bytes()
+    script = f"""
+import time, numpy as np, safetensors
+from landscape import io
+def slow(*args, **kwargs):
+    print("writing", flush=True)
+    time.sleep(60)
+safetensors.serialize = slow
+io.save({str(path)!r}, {{"w": np.ones(2, np.float32)}})
+"""
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        orphans = [n for n in os.listdir(tmp_path) if n != path.name]
+        assert len(orphans) == 1 and orphans[0].startswith(".m.safetensors.landscape-tmp-")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert path.read_bytes() == before
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(os.listdir(tmp_path)) > 1:
+        io.save(path, {"w": np.ones(2, np.float32)})
+    assert os.listdir(tmp_path) == [path.name]
+    assert np.array_equal(io.load(path)[0]["w"], np.ones(2))
+
+
+def test_refuses_metadata_that_contradicts_the_record(tmp_path):
+    import re
+
+    path = io.save(tmp_path / "m.safetensors", {"w": np.ones(1, np.float32)}, metadata={"step": 3})
+    tensors = safetensors.numpy.load_file(path)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        raw = dict(f.metadata())
+    for bad in ("[1, 2]", "three"):
+        safetensors.numpy.save_file(tensors, path, metadata={**raw, "step": bad})
+        with pytest.raises(ValueError, match=rf"m\.safetensors.*metadata 'step' = {re.escape(repr(bad))} is not the JSON number"):
+            io.load(path)
