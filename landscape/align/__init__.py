@@ -1,8 +1,9 @@
 """Neuron alignment: permutation specs and the functions that act with them.
 
 :mod:`landscape.align.spec` defines :class:`PermutationSpec` and :func:`apply`, the only place in the
-toolkit that permutes parameters. See ``docs/permutation-specs.md`` for writing a spec for your own
-model.
+toolkit that permutes parameters. :func:`trace_spec` derives the spec of any ``apply_fn`` from its
+jaxpr and :func:`activations` returns its hidden activations at every permutation group
+(:mod:`landscape.align.trace`). See ``docs/permutation-specs.md``.
 """
 
 from landscape.align.spec import (
@@ -59,4 +60,27 @@ __all__ += [
     "ste_matching",
     "unit_statistics",
     "weight_matching",
+]
+
+# Traced specs and activations of any model (trace.py).
+from landscape.align.trace import (  # noqa: E402
+    ACTIVATION_KINDS,
+    LayerInputs,
+    TracedModel,
+    activations,
+    match_names,
+    rename,
+    trace_spec,
+    with_activations,
+)
+
+__all__ += [
+    "ACTIVATION_KINDS",
+    "LayerInputs",
+    "TracedModel",
+    "activations",
+    "match_names",
+    "rename",
+    "trace_spec",
+    "with_activations",
 ]

@@ -23,7 +23,9 @@ masked):
 
 For convolutional units every spatial position counts as a sample (statistics over N·H·W, as
 in the REPAIR code). Activations come from ``apply_fn.intermediates(params, x, kind=kind)``,
-a zoo model's tap of every unit group; ``kind="post"`` (default, what both papers match) or
+a zoo model's tap of every unit group, or, for any other ``apply_fn`` (plain JAX, Linen, NNX,
+Equinox), from :func:`landscape.align.activations` on its trace, keyed by the spec's names;
+``kind="post"`` (default, what both papers match) or
 ``"pre"``. For a residual stream (one permutation shared by a ResNet stage) the zoo's tap is the
 stage's last residual output.
 
@@ -117,7 +119,11 @@ def _rows(z: Array, mask: Array) -> tuple[Array, Array]:
 
 
 def intermediates_fn(apply_fn: Any, what: str) -> Callable[..., dict[str, Array]]:
-    """``apply_fn.intermediates`` or a ``ValueError`` saying that a zoo model is needed."""
+    """``apply_fn.intermediates``: the zoo's taps, or :func:`landscape.align.activations` traced from any ``apply_fn``."""
+    from landscape.align.trace import with_activations
+
+    if callable(apply_fn):
+        apply_fn = with_activations(apply_fn)
     fn = getattr(apply_fn, "intermediates", None)
     if not callable(fn):
         msg = (
@@ -192,7 +198,9 @@ def cross_statistics(
     (1/N) moments over every example (and spatial position), ``cov[i, j] = E[(a_i − μ_i)(b_j − μ_j)]``.
     Two jitted passes of ``objective.map_batches``; padded rows are masked.
     """
-    apply_fn = objective.apply_fn if apply_fn is None else apply_fn
+    from landscape.align.trace import with_activations
+
+    apply_fn = with_activations(objective.apply_fn if apply_fn is None else apply_fn)
     intermediates_fn(apply_fn, "cross_statistics")
     if kind not in _KINDS:
         msg = f"unknown activation kind {kind!r}; accepted: {list(_KINDS)}"
@@ -224,8 +232,8 @@ def activation_matching(
         a: params of the reference model A.
         b: params of model B.
         objective: the data (its ``x``; batches of ``objective.batch_size``).
-        apply_fn: a model with ``intermediates(params, x, kind=...)`` returning one activation
-            array ``(N, ..., units)`` per permutation name; default ``objective.apply_fn``.
+        apply_fn: the model, default ``objective.apply_fn``: a zoo model's ``intermediates`` are
+            used, any other ``apply_fn(params, x)`` is traced (:func:`landscape.align.activations`).
         method: ``"correlation"`` (Tatro et al.) or ``"second_moment"`` (Ainsworth et al.).
         kind: ``"post"`` (after the nonlinearity, default) or ``"pre"``.
         eps: added to each standard deviation in the correlation's denominator.
@@ -252,7 +260,9 @@ def activation_matching(
     if not eps >= 0:
         msg = f"eps must be >= 0, got {eps!r}"
         raise ValueError(msg)
-    apply_fn = objective.apply_fn if apply_fn is None else apply_fn
+    from landscape.align.trace import with_activations
+
+    apply_fn = with_activations(objective.apply_fn if apply_fn is None else apply_fn, spec)
     intermediates_fn(apply_fn, "activation_matching")
     sizes = spec.sizes(a)
     shapes = jax.eval_shape(lambda p, x: apply_fn.intermediates(p, x, kind=kind), a, objective.x[:1])

@@ -76,6 +76,7 @@ from scipy.sparse import coo_matrix
 
 from landscape._types import Array, Params
 from landscape.align.spec import Permutation, PermutationSpec, check_spec
+from landscape.align.trace import with_activations
 from landscape.tree import key_name, named_leaves
 
 __all__ = [
@@ -416,10 +417,10 @@ def _resolve_apply_fns(apply_fn: Any, objective: Any) -> tuple[Any, Any]:
         msg = f"apply_fn must be one model or a pair (for a, for b), got {len(pair)} items"
         raise ValueError(msg)
     for which, fn in zip("ab", pair):
-        if not callable(getattr(fn, "intermediates", None)):
+        if not callable(fn):
             msg = (
-                f"ground='activations' needs apply_fn.intermediates (a landscape.models.functional "
-                f"zoo model) for model {which}; got {type(fn).__name__}"
+                f"ground='activations' needs a callable apply_fn (a zoo model with intermediates, "
+                f"or any apply_fn(params, x), traced) for model {which}; got {type(fn).__name__}"
             )
             raise ValueError(msg)
     return pair
@@ -455,7 +456,8 @@ def ot_fusion(
         a, b: the two params trees. Same tree and same sizes on unnamed axes.
         objective: an :class:`~landscape.Objective`; its ``x`` are the data for
             ``ground="activations"`` (unused for weights).
-        apply_fn: a zoo ``FunctionalModel`` (with ``.intermediates``), or a pair ``(for a, for b)``
+        apply_fn: a zoo ``FunctionalModel`` (with ``.intermediates``) or any ``apply_fn(params, x)``
+            (activations traced, :func:`landscape.align.activations`), or a pair ``(for a, for b)``
             when the widths differ; default ``objective.apply_fn`` for both.
         ground: ``"weights"`` (each unit described by its incoming weights, bias and norm
             parameters, after aligning its inputs) or ``"activations"`` (each unit by its
@@ -509,7 +511,7 @@ def ot_fusion(
             raise ValueError(msg)
         acts_s = acts_t = None
     else:
-        fn_a, fn_b = _resolve_apply_fns(apply_fn, objective)
+        fn_a, fn_b = (with_activations(f, spec) for f in _resolve_apply_fns(apply_fn, objective))
         x = objective.x if num_samples is None else objective.x[:num_samples]
         bs = int(getattr(objective, "batch_size", 512))
         acts_a = _activations(fn_a, a, x, order, bs, "a")

@@ -59,6 +59,7 @@ from landscape import tree
 from landscape._types import Array, Params
 from landscape.align.activation_matching import _rows, intermediates_fn
 from landscape.align.spec import PermutationSpec, check_spec
+from landscape.align.trace import trace_spec, with_activations
 from landscape.objective import Objective
 
 __all__ = ["repair", "repair_layers", "reset", "unit_statistics"]
@@ -125,7 +126,9 @@ def unit_statistics(
     Args:
         objective_or_x: an :class:`~landscape.Objective` (its inputs and batch size are used) or
             an input array ``(N, ...)``.
-        apply_fn: a model with ``intermediates(params, x, kind=...)`` (a zoo ``FunctionalModel``).
+        apply_fn: the model: a zoo ``FunctionalModel``'s ``intermediates`` are used, any other
+            ``apply_fn(params, x)`` is traced (:func:`landscape.align.activations`, groups named
+            as by :func:`landscape.align.trace_spec`).
         params: the model's params.
         kind: ``"pre"`` (default) or ``"post"`` activations.
         names: the unit groups (permutation names) to measure; default every tapped group.
@@ -135,6 +138,7 @@ def unit_statistics(
         ``{name: (mean, std)}``, population moments (1/N) over every example and spatial position.
     """
     intermediates_fn(apply_fn, "unit_statistics")
+    apply_fn = with_activations(apply_fn)
     if kind not in ("pre", "post"):
         msg = f"unknown activation kind {kind!r}; accepted: ['pre', 'post']"
         raise ValueError(msg)
@@ -254,12 +258,14 @@ def repair(
     Args:
         objective_or_x: the data the statistics are taken on: an :class:`~landscape.Objective`
             (its inputs and batch size) or an input array ``(N, ...)`` (typically the training set).
-        apply_fn: the model, with ``intermediates(params, x, kind="pre")`` (a zoo ``FunctionalModel``).
+        apply_fn: the model: a zoo ``FunctionalModel`` (its ``intermediates``) or any
+            ``apply_fn(params, x)``, whose activations are traced (:func:`landscape.align.activations`).
         a: params of endpoint A.
         b: params of endpoint B, already aligned to A.
         merged: params of the model to repair, usually ``tree.lerp(a, b, t)``.
         t: the interpolation weight of B in the targets ``(1−t)·A + t·B``.
-        spec: the permutation spec used to find the producing layers; default ``apply_fn.spec``.
+        spec: the permutation spec used to find the producing layers; default ``apply_fn.spec``,
+            else :func:`landscape.align.trace_spec` of ``apply_fn``.
         layers: ``{group: (scale leaf, shift leaf)}`` to correct, overriding :func:`repair_layers`.
         eps: added to the merged model's variance, :math:`s = σ^\\star / \\sqrt{σ_M^2 + ε}`
             (0 by default so the endpoints are fixed points; a unit with zero variance only has
@@ -285,6 +291,9 @@ def repair(
         raise ValueError(msg)
     if spec is None:
         spec = getattr(apply_fn, "spec", None)
+    objective = _as_objective(objective_or_x, apply_fn, batch_size)
+    if spec is None and layers is None:
+        spec = trace_spec(apply_fn, merged, objective.x[:1])
     if layers is None:
         if not isinstance(spec, PermutationSpec):
             msg = "repair needs spec= (or an apply_fn with a .spec, or layers=) to find the layers to correct"
@@ -292,7 +301,8 @@ def repair(
         layers = repair_layers(spec, merged)
     else:
         check_layers(layers, merged)
-    objective = _as_objective(objective_or_x, apply_fn, batch_size)
+    apply_fn = with_activations(apply_fn, spec if isinstance(spec, PermutationSpec) else None)
+    objective = objective.replace(apply_fn=apply_fn)
     tapped = _tapped(apply_fn, merged, objective.x, "pre")
     for n, (scale_path, bias_path) in layers.items():
         if n not in tapped:

@@ -11,7 +11,8 @@ with the off-diagonal shrinkage :math:`\tilde G_i = \alpha G_i + (1-\alpha)\,\ma
 
 The Gram matrices come from :func:`gram_matrices`, which takes a ``features_fn(params, x)``
 returning ``{kernel path: layer input (N, d_in)}`` (the zoo models' ``apply_fn.intermediates(params,
-x, kind="input")`` fits, as does any hand-written function), so it works for any model.
+x, kind="input")`` fits, as does any hand-written function; by default every layer's input is
+traced from ``objective.apply_fn``, :class:`landscape.align.LayerInputs`), so it works for any model.
 
 Example:
     >>> import jax.numpy as jnp
@@ -67,7 +68,7 @@ def _check_keys(keys: Sequence[str], dims: Mapping[str, int], params: Params, wh
 def gram_matrices(
     objective: Objective | None,
     params: Params,
-    features_fn: FeaturesFn,
+    features_fn: FeaturesFn | None = None,
     *,
     reduce: str = "sum",
 ) -> dict[str, Array]:
@@ -82,7 +83,9 @@ def gram_matrices(
     Args:
         objective: the data the model was trained on (labels unused).
         params: the model whose layer inputs are recorded.
-        features_fn: ``features_fn(params, x) -> {kernel path: input (N, ..., d_in)}``.
+        features_fn: ``features_fn(params, x) -> {kernel path: input (N, ..., d_in)}``; default
+            every dense / conv layer's input traced from ``objective.apply_fn``
+            (:class:`landscape.align.LayerInputs`, any model).
         reduce: ``"sum"`` or ``"mean"``.
 
     Returns:
@@ -92,6 +95,10 @@ def gram_matrices(
     if not isinstance(objective, Objective):
         msg = f"gram_matrices needs data: pass an Objective, got {type(objective).__name__}"
         raise ValueError(msg)
+    if features_fn is None:
+        from landscape.align.trace import LayerInputs
+
+        features_fn = LayerInputs(objective.apply_fn)
     if not callable(features_fn):
         msg = "features_fn must be callable as features_fn(params, x) -> {path: (N, d_in)}"
         raise ValueError(msg)

@@ -125,9 +125,10 @@ def tact(
             see :func:`align_experts`).
         objectives: one per task, the data its statistics are taken on (usually the task's
             training set): an :class:`~landscape.Objective` or an input array ``(N, ...)``.
-        apply_fn: the model, with ``intermediates(params, x, kind="pre")`` (a zoo
-            ``FunctionalModel``).
-        spec: permutation spec that locates the layers and the head; default ``apply_fn.spec``.
+        apply_fn: the model: a zoo ``FunctionalModel`` (its ``intermediates``) or any
+            ``apply_fn(params, x)``, whose activations are traced (:func:`landscape.align.activations`).
+        spec: permutation spec that locates the layers and the head; default ``apply_fn.spec``,
+            else :func:`landscape.align.trace_spec` of ``apply_fn``.
         layers: ``{unit group: (scale leaf, shift leaf)}`` to correct; default every hidden group
             (:func:`landscape.align.repair_layers`).
         head: ``"expert"`` (default, the paper: task ``t`` gets expert ``t``'s output layer) or
@@ -168,6 +169,10 @@ def tact(
     objs = [_as_objective(o, apply_fn, batch_size, f"objectives[{i}]") for i, o in enumerate(objectives)]
     if spec is None:
         spec = getattr(apply_fn, "spec", None)
+    if spec is None and not callable(getattr(apply_fn, "intermediates", None)):
+        from landscape.align.trace import trace_spec
+
+        spec = trace_spec(apply_fn, merged, objs[0].x[:1])
     if spec is None and (layers is None or head == "expert"):
         msg = "tact needs spec= (or an apply_fn with a .spec) to find the layers to correct and the head"
         raise ValueError(msg)
@@ -175,6 +180,9 @@ def tact(
         layers = repair_layers(spec, merged)
     check_layers(layers, merged)
     heads = head_leaves(spec, merged) if head == "expert" else ()
+    from landscape.align.trace import with_activations
+
+    apply_fn = with_activations(apply_fn, spec)
     tapped = jax.eval_shape(lambda p, xb: apply_fn.intermediates(p, xb, kind="pre"), merged, objs[0].x[:1])
     missing = [n for n in layers if n not in tapped]
     if missing:

@@ -204,7 +204,7 @@ def zipit(
     objective: Objective | None,
     *,
     kernels: Sequence[str],
-    features_fn: FeaturesFn,
+    features_fn: FeaturesFn | None = None,
     biases: Sequence[str | None] | None = None,
     alpha: float = 0.3,
     beta: float = 0.125,
@@ -217,7 +217,8 @@ def zipit(
         objective: the data whose feature correlations decide the matching (labels unused).
         kernels: key paths of the chain's ``(d_in, d_out)`` kernels, input layer first.
         features_fn: ``features_fn(params, x) -> {kernel path: layer input (N, d_in)}`` for at least
-            ``kernels[1:]`` (the hidden features; post-activation).
+            ``kernels[1:]`` (the hidden features; post-activation); default every layer's input
+            traced from ``objective.apply_fn`` (:class:`landscape.align.LayerInputs`, any model).
         biases: key path of each layer's bias (or None), default ``kernel`` with ``kernel`` -> ``bias``
             in the last component where such a leaf exists.
         alpha: similarity decay of merged features (paper default 0.3; <= 0 forbids re-merging).
@@ -230,6 +231,10 @@ def zipit(
         msg = f"zipit needs data: pass an Objective, got {type(objective).__name__}"
         raise ValueError(msg)
     check_range("beta", beta, 0.0, 1.0)
+    if features_fn is None:
+        from landscape.align.trace import LayerInputs
+
+        features_fn = LayerInputs(objective.apply_fn)
     stacked, n = as_stacked(models)
     ms = tree.unstack(stacked)
     table = dict(tree.named_leaves(ms[0]))

@@ -258,7 +258,7 @@ def test_other_bad_input():
         align.weight_matching(0, spec, a, b)
     with pytest.raises(ValueError, match="max_iter"):
         align.weight_matching(jax.random.key(0), spec, a, b, max_iter=0)
-    with pytest.raises(ValueError, match="init"):
+    with pytest.raises(ValueError, match="'P_0' is not a permutation of 0..15"):
         align.weight_matching(
             jax.random.key(0), spec, a, b, init={"P_0": jnp.zeros(16, jnp.int32), "P_1": jnp.arange(12)}
         )
