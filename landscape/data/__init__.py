@@ -1,7 +1,9 @@
-"""Datasets as arrays: sklearn digits, MNIST-1D, synthetic blobs / moons, and task constructors.
+"""Datasets as arrays: sklearn digits, MNIST-1D, 5000 real MNIST images, synthetic blobs / moons,
+loaders of image files a user already has (MNIST / Fashion-MNIST IDX, CIFAR-10 / -100 binary
+batches, NumPy arrays), and task constructors.
 
 Everything returns a :class:`Dataset` (float32 inputs, int32 labels, jax arrays); functions that
-draw randomness take a typed key first. Nothing here downloads anything.
+draw randomness take a typed key first. Nothing here downloads anything or unpickles anything.
 
 Example:
     >>> import jax
@@ -21,6 +23,16 @@ from landscape.data.dataset import (
     split_indices,
     with_validation,
 )
+from landscape.data.files import (
+    arrays,
+    cifar10,
+    cifar100,
+    fashion_mnist,
+    mnist_idx,
+    read_cifar_binary,
+    read_idx,
+)
+from landscape.data.images import STANDARDIZE, mnist, preprocess_images
 from landscape.data.registry import DATASETS, load
 from landscape.data.standard import digits, digits_full, mnist1d
 from landscape.data.synthetic import blobs, moons
@@ -28,18 +40,28 @@ from landscape.data.tasks import class_subset, input_permutation, permuted_input
 
 __all__ = [
     "DATASETS",
+    "STANDARDIZE",
     "Dataset",
+    "arrays",
     "blobs",
+    "cifar10",
+    "cifar100",
     "class_subset",
     "digits",
     "digits_full",
+    "fashion_mnist",
     "host_rng",
     "input_permutation",
     "load",
     "make_dataset",
+    "mnist",
     "mnist1d",
+    "mnist_idx",
     "moons",
     "permuted_inputs",
+    "preprocess_images",
+    "read_cifar_binary",
+    "read_idx",
     "relabelled",
     "split",
     "split_indices",

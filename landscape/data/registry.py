@@ -4,8 +4,11 @@ Example:
     >>> from landscape import data
     >>> data.load("moons", seed=3, num_samples=100).num_classes
     2
-    >>> sorted(data.DATASETS)
-    ['blobs', 'digits', 'mnist1d', 'moons']
+    >>> sorted(data.DATASETS)  # doctest: +NORMALIZE_WHITESPACE
+    ['arrays', 'blobs', 'cifar10', 'cifar100', 'digits', 'fashion_mnist', 'mnist', 'mnist1d',
+     'mnist_idx', 'moons']
+
+The file loaders take the folder as ``path=``: ``load("cifar10", path="~/data/cifar-10-batches-bin")``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import jax
 import numpy as np
 
 from landscape.data.dataset import Dataset
+from landscape.data.files import arrays, cifar10, cifar100, fashion_mnist, mnist_idx
+from landscape.data.images import mnist
 from landscape.data.standard import digits, mnist1d
 from landscape.data.synthetic import blobs, moons
 
@@ -28,6 +33,12 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist1d": mnist1d,
     "blobs": blobs,
     "moons": moons,
+    "mnist": mnist,
+    "mnist_idx": mnist_idx,
+    "fashion_mnist": fashion_mnist,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "arrays": arrays,
 }
 """Dataset name -> constructor."""
 
@@ -41,8 +52,10 @@ def load(name: str, **kwargs: Any) -> Dataset:
     PRNG key) or ``seed=`` (an integer, default 0, turned into ``jax.random.key(seed)``).
 
     Args:
-        name: One of ``"digits"``, ``"mnist1d"``, ``"blobs"``, ``"moons"``.
-        **kwargs: Keyword settings of that constructor.
+        name: One of ``"digits"``, ``"mnist1d"``, ``"mnist"``, ``"blobs"``, ``"moons"``, or a loader
+            of files on disk: ``"mnist_idx"``, ``"fashion_mnist"``, ``"cifar10"``, ``"cifar100"``,
+            ``"arrays"`` (these need ``path=``, the folder or file).
+        **kwargs: Settings of that constructor (keyword-only ones, plus ``path`` for file loaders).
 
     Returns:
         The dataset.
@@ -54,14 +67,20 @@ def load(name: str, **kwargs: Any) -> Dataset:
         msg = f"unknown dataset {name!r}; accepted names: {sorted(DATASETS)}"
         raise ValueError(msg)
     fn = DATASETS[name]
-    accepted = [
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind in named]
+    if name in _KEYED:
+        params = [p for p in params if p.name != "key"]
+    accepted = [p.name for p in params]
     if name in _KEYED:
         accepted = ["key", "seed", *accepted]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         msg = f"unknown setting(s) {unknown} for dataset {name!r}; accepted: {accepted}"
+        raise ValueError(msg)
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        msg = f"dataset {name!r} needs {missing} (the folder or file holding it); accepted: {accepted}"
         raise ValueError(msg)
     if name not in _KEYED:
         return fn(**kwargs)

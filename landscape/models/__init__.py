@@ -1,7 +1,8 @@
 """The model zoo (Flax NNX) and the bridge to pure pytrees.
 
-Models: :class:`MLP`, :class:`CNN` (VGG-style), :class:`ResNet`, each exporting its
-:class:`~landscape.align.PermutationSpec`. :func:`functional` turns any NNX module into
+Models: :class:`MLP`, :class:`CNN` (small VGG-style), :class:`VGG` (VGG-11/13/16/19 with a width
+multiplier; :class:`VGG11`, :class:`VGG16`), :class:`ResNet` and :class:`ResNet20` (ResNet-20 xk),
+each exporting its :class:`~landscape.align.PermutationSpec`. :func:`functional` turns any NNX module into
 ``(apply_fn, params, state)`` so the rest of the toolkit sees only pytrees; :func:`build` makes a
 model from a name and a key for config-driven use.
 
@@ -17,11 +18,11 @@ Example:
 """
 
 from landscape.models.base import NORMS, Taps, ZooModel
-from landscape.models.cnn import CNN
+from landscape.models.cnn import CNN, VGG, VGG11, VGG16, VGG_CONFIGS
 from landscape.models.functional import INTERMEDIATE_KINDS, FunctionalModel, functional
 from landscape.models.mlp import MLP
 from landscape.models.registry import MODELS, build, permutation_spec
-from landscape.models.resnet import ResNet
+from landscape.models.resnet import ResNet, ResNet20
 
 __all__ = [
     "CNN",
@@ -31,7 +32,12 @@ __all__ = [
     "NORMS",
     "FunctionalModel",
     "ResNet",
+    "ResNet20",
     "Taps",
+    "VGG",
+    "VGG11",
+    "VGG16",
+    "VGG_CONFIGS",
     "ZooModel",
     "build",
     "functional",

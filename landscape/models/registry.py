@@ -19,15 +19,24 @@ from flax import nnx
 
 from landscape._types import Key
 from landscape.align.spec import PermutationSpec
-from landscape.models.cnn import CNN
+from landscape.models.cnn import CNN, VGG, VGG11, VGG16
 from landscape.models.functional import FunctionalModel
 from landscape.models.mlp import MLP
-from landscape.models.resnet import ResNet
+from landscape.models.resnet import ResNet, ResNet20
 
 __all__ = ["MODELS", "build", "permutation_spec"]
 
-MODELS: dict[str, type[nnx.Module]] = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
-"""Zoo models by name."""
+MODELS: dict[str, type[nnx.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "resnet": ResNet,
+    "resnet20": ResNet20,
+    "vgg": VGG,
+    "vgg11": VGG11,
+    "vgg16": VGG16,
+}
+"""Zoo models by name: ``"resnet20"`` and ``"vgg11"`` / ``"vgg16"`` are the width ladders of
+git-re-basin and REPAIR (``width_multiplier=k``); ``"vgg"`` takes ``depth=``."""
 
 
 def _arguments(cls: type) -> tuple[list[str], list[str]]:
@@ -44,7 +53,7 @@ def build(name: str, key: Key, **kwargs: Any) -> nnx.Module:
     """Build a zoo model by name with its parameters drawn from ``key``.
 
     Args:
-        name: ``"mlp"``, ``"cnn"`` or ``"resnet"``.
+        name: ``"mlp"``, ``"cnn"``, ``"resnet"``, ``"resnet20"``, ``"vgg"``, ``"vgg11"`` or ``"vgg16"``.
         key: a typed PRNG key (``jax.random.key(seed)``); the model's ``nnx.Rngs`` is made from it.
         **kwargs: the model's constructor arguments except ``rngs``, e.g.
             ``build("mlp", key, in_features=64, widths=(512, 512, 10))``.

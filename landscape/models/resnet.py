@@ -16,6 +16,13 @@ next blocks' inputs and the projection; each block's inner units get their own
 Stage ``i`` has ``base_width * width_multiplier * 2**i`` channels; stages after the first start
 with a stride-2 block (a projection shortcut).
 
+:class:`ResNet20` is the CIFAR ResNet-20 of He et al. (Sec. 4.2): a 3x3 stem, three stages of three
+basic blocks with ``16k / 32k / 64k`` channels for width multiplier ``k``, global average pooling and
+a dense head (0.27M parameters at ``k = 1``), BatchNorm by default. Where a block changes width or
+stride the shortcut is a 1x1 strided conv + norm (He et al.'s option B), as in git-re-basin's
+``resnet20`` and REPAIR's ResNet-20 (Jordan et al., arXiv:2211.08403); He et al.'s option A
+(zero-padded identity) has no parameters to permute and is not implemented.
+
 Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -45,7 +52,7 @@ from landscape.models.base import (
     norm_spec_entries,
 )
 
-__all__ = ["ResNet"]
+__all__ = ["ResNet", "ResNet20"]
 
 
 class _Projection(nnx.Module):
@@ -215,3 +222,45 @@ class ResNet(ZooModel):
         axes["head/kernel"] = (stream_in, None)
         axes["head/bias"] = (None,)
         return PermutationSpec(axes, state)
+
+
+class ResNet20(ResNet):
+    """ResNet-20 with a width multiplier: :class:`ResNet` with 3 stages of 3 blocks, base width 16.
+
+    ``ResNet20(3, 10, width_multiplier=k)`` has stages of ``16k, 32k, 64k`` channels and
+    ``272474`` parameters at ``k = 1`` on 3-channel inputs (the quoted 0.27M, with the two
+    projection shortcuts); BatchNorm by default as in REPAIR, ``norm="layer"`` as in git-re-basin.
+
+    Args:
+        in_channels: Channels of the NHWC input (3 for CIFAR, 1 for MNIST).
+        num_classes: Outputs of the dense head.
+        width_multiplier: ``k``, multiplies every width (x1, x2, x4, ... in the papers).
+        norm: ``"batch"`` (default) or ``"layer"``.
+        rngs: ``nnx.Rngs`` for the initialisation.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> model = ResNet20(1, 10, width_multiplier=1, rngs=nnx.Rngs(0))
+        >>> model.stage_widths, model(jnp.ones((2, 28, 28, 1))).shape
+        ((16, 32, 64), (2, 10))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        width_multiplier: int = 1,
+        norm: str = "batch",
+        rngs: nnx.Rngs,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            num_classes,
+            width_multiplier=width_multiplier,
+            blocks_per_stage=(3, 3, 3),
+            base_width=16,
+            norm=norm,
+            rngs=rngs,
+        )

@@ -366,14 +366,17 @@ def test_make_dataset_checks_inputs():
 
 
 def test_registry_load_and_errors():
-    assert set(data.DATASETS) == {"digits", "mnist1d", "blobs", "moons"}
+    assert set(data.DATASETS) == {
+        "digits", "mnist1d", "blobs", "moons",
+        "mnist", "mnist_idx", "fashion_mnist", "cifar10", "cifar100", "arrays",
+    }
     a = data.load("moons", seed=2, num_samples=50)
     b = data.moons(jax.random.key(2), num_samples=50)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     c = data.load("blobs", key=jax.random.key(1), num_samples=30, num_classes=2)
     assert c.num_classes == 2
     assert data.load("digits", test_fraction=0.5).x_test.shape[0] == 899
-    with pytest.raises(ValueError, match=r"accepted names: \['blobs', 'digits', 'mnist1d', 'moons'\]"):
+    with pytest.raises(ValueError, match=r"accepted names: \['arrays', 'blobs', 'cifar10', 'cifar100', 'digits', 'fashion_mnist', "):
         data.load("cifar")
     with pytest.raises(ValueError, match="accepted: .*test_fraction"):
         data.load("digits", batch_size=3)

@@ -239,7 +239,7 @@ def test_resnet_spec_shares_stream_permutation():
 
 def test_build_errors_and_determinism():
     key = jax.random.key(0)
-    with pytest.raises(ValueError, match=r"accepted: \['cnn', 'mlp', 'resnet'\]"):
+    with pytest.raises(ValueError, match=r"accepted: \['cnn', 'mlp', 'resnet', 'resnet20', 'vgg', 'vgg11', 'vgg16'\]"):
         models.build("vit", key)
     with pytest.raises(ValueError, match=r"unknown \['depth'\].*optional"):
         models.build("mlp", key, in_features=4, widths=(3,), depth=2)
