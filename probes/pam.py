@@ -268,6 +268,8 @@ def pam_check(
     floor: float = 1e-6,
     num_eval: int = 25,
     eval_objective: Objective | None = None,
+    stats: str | None = None,
+    end_states: tuple[Params | None, Params | None] | None = None,
 ) -> PAMResult:
     """Proximal alternating minimisation over the bend and relaxed permutations (Tatro et al. 2020).
 
@@ -292,6 +294,12 @@ def pam_check(
         sinkhorn_iters, floor: the Sinkhorn projection's iterations and positivity floor.
         num_eval: evenly spaced ``t`` at which the curves before and after are evaluated.
         eval_objective: Objective for those evaluations (default: ``objective``).
+        stats: BatchNorm running statistics of those evaluations (:mod:`probes.batchnorm`):
+            ``"reset"`` (the default for a model with them: recomputed on the training inputs at
+            every ``t`` between the ends) or ``"given"``.
+        end_states: ``(state_a, state_b)``, the endpoints' own statistics under ``"reset"``
+            (``state_a=None``: the objective's); B's are permuted with the permutation whose
+            curve is evaluated (:func:`landscape.align.apply_state`).
 
     The verdict is local: it says that no small relaxed move of the permutations, at these step
     sizes, ends nearer another vertex of the Birkhoff polytope. On digits MLPs (64-64, 5 epochs) even
@@ -365,7 +373,22 @@ def pam_check(
 
         return jax.lax.scan(step, mats, jnp.arange(inner_perm))
 
+    from landscape.align import apply_state
+    from probes.batchnorm import resolve_stats
+    from probes.curves import _end_states
+
     ev = eval_objective if eval_objective is not None else objective
+    mode = resolve_stats(ev, stats)
+    if mode == "reset":
+        _end_states(ev, np.array([0.0, 1.0]), end_states)  # fail before any work
+        state_a, state_b = end_states
+
+    def evaluate_curve(points: Params, p: Permutation) -> PathResult:
+        if mode != "reset":
+            return evaluate_path(ev, bezier(points), ts, chunk=5, stats="given" if mode == "given" else None)
+        return evaluate_path(ev, bezier(points), ts, chunk=5, stats="reset", reset_x=objective.x,
+                             end_states=(state_a, apply_state(spec, p, state_b)))
+
     ts = jnp.linspace(0.0, 1.0, num_eval)
     mats = permutation_matrices({nm: jnp.asarray(perm[nm]) for nm in spec.names})
     phi = tree.zeros_like(a)
@@ -376,7 +399,7 @@ def pam_check(
         phi, losses = phi_phase(phi, mats, k_phi, objective.x, objective.y)
         phi_losses.append(np.asarray(losses))
         if before is None:
-            before = evaluate_path(ev, bezier(curve_points(phi, mats)), ts, chunk=5)
+            before = evaluate_curve(curve_points(phi, mats), perm)
         if inner_perm:
             mats, losses = perm_phase(phi, mats, k_perm, objective.x, objective.y)
             perm_losses.append(np.asarray(losses))
@@ -386,11 +409,11 @@ def pam_check(
     rounded = {nm: round_to_permutation(mats[nm]) for nm in spec.names}
     initial = {nm: jnp.asarray(perm[nm], dtype=jnp.int32) for nm in spec.names}
     changed = {nm: float(np.mean(np.asarray(rounded[nm]) != np.asarray(initial[nm]))) for nm in spec.names}
-    after = evaluate_path(ev, bezier(curve_points(phi, permutation_matrices(rounded))), ts, chunk=5)
+    after = evaluate_curve(curve_points(phi, permutation_matrices(rounded)), rounded)
     settings = {"outer": outer, "inner_perm": inner_perm, "inner_phi": inner_phi, "batch_size": bs,
                 "learning_rate": learning_rate, "perm_learning_rate": perm_learning_rate, "proximal": proximal,
                 "sinkhorn_iters": sinkhorn_iters, "floor": floor, "num_eval": num_eval,
-                "projection": "sinkhorn"}
+                "projection": "sinkhorn", "stats": mode}
     return PAMResult(
         initial=initial,
         rounded=rounded,

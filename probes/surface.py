@@ -506,6 +506,52 @@ def _evaluate_points(
     return jax.lax.map(at, coords, batch_size=chunk)
 
 
+def _grid_and_overlays(
+    objective: Objective, center: Params, directions: tuple[Params, ...], coords: Array, chunk: int,
+    resolved: list[tuple[str, str, list[Params]]], *, stats: str | None, overlay_states: Mapping[str, Any] | None,
+    reset_x: Any,
+) -> tuple[dict[str, Array], str, tuple[Overlay, ...]]:
+    """Grid values, the statistics used and the overlays, under the resolved ``stats``."""
+    from probes import batchnorm as bn
+
+    mode = bn.resolve_stats(objective, stats)
+    own = _overlay_states(resolved, overlay_states, mode)
+    if mode != "reset":
+        values = _evaluate_points(objective, center, directions, coords, chunk=chunk)
+        return values, mode, _project_overlays(objective, center, directions, resolved, mode=mode)
+    x, bs = bn.reset_inputs(objective, reset_x)
+    keep = bn.momentum(objective, center)
+    values = _evaluate_points_reset(objective, center, directions, coords, x, keep, chunk=chunk, batch_size=bs)
+    at_center = np.all(np.asarray(coords) == 0.0, axis=-1)
+    if at_center.any():  # the trained model at the origin keeps its own statistics
+        own_center = bn.evaluate_at(objective, center, objective.apply_fn.state)
+        values = {k: jnp.where(jnp.asarray(at_center), own_center[k], v) for k, v in values.items()}
+    ov = _project_overlays(objective, center, directions, resolved, mode=mode, own=own, reset=(x, bs))
+    return values, mode, ov
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "batch_size"))
+def _evaluate_points_reset(
+    objective: Objective, center: Params, directions: tuple[Params, ...], coords: Array, x: Array, keep: Params,
+    *, chunk: int, batch_size: int,
+) -> dict[str, Array]:
+    """As :func:`_evaluate_points`, with RESET statistics recomputed at every point."""
+    from probes.batchnorm import evaluate_reset
+
+    def at(c: Array) -> dict[str, Array]:
+        def leaf(v: Array, *ds: Array) -> Array:
+            y = v
+            for k, d in enumerate(ds):
+                y = y + c[k].astype(v.dtype) * d
+            return y.astype(v.dtype)
+
+        return evaluate_reset(objective, jax.tree.map(leaf, center, *directions), x, keep, batch_size=batch_size)
+
+    if chunk == 1:
+        return jax.lax.map(at, coords)
+    return jax.lax.map(at, coords, batch_size=chunk)
+
+
 @jax.jit
 def _evaluate_models(objective: Objective, stacked: Params) -> dict[str, Array]:
     return jax.lax.map(objective.evaluate, stacked)
@@ -543,7 +589,7 @@ def _check_directions(center: Params, directions: Sequence[Params]) -> None:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["coords", "residual", "loss", "accuracy"],
-    meta_fields=["name", "kind"],
+    meta_fields=["name", "kind", "stats"],
 )
 @dataclasses.dataclass(frozen=True)
 class Overlay:
@@ -557,6 +603,9 @@ class Overlay:
         residual: ``(m,)`` distance of each model from the line / plane.
         loss, accuracy: ``(m,)`` the models' own full-dataset loss and accuracy (equal to the
             surface's value at ``coords`` when ``residual`` is 0).
+        stats: BatchNorm statistics of those evaluations: ``"own"`` (the models' own, from
+            ``overlay_states``), ``"reset"`` (recomputed), ``"given"`` (the objective's) or
+            ``"none"`` (no running statistics).
     """
 
     name: str
@@ -565,6 +614,7 @@ class Overlay:
     residual: Array
     loss: Array
     accuracy: Array
+    stats: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
@@ -575,6 +625,7 @@ class Overlay:
             "residual": _json(self.residual),
             "loss": _json(self.loss),
             "accuracy": _json(self.accuracy),
+            "stats": self.stats,
         }
 
 
@@ -613,24 +664,69 @@ def _resolve_overlays(
     return out
 
 
+def _overlay_states(
+    resolved: list[tuple[str, str, list[Params]]], overlay_states: Mapping[str, Any] | None, mode: str
+) -> dict[str, list[Params]]:
+    """``{name: [state per model]}`` for the overlays given their own statistics, checked."""
+    if overlay_states is None:
+        return {}
+    if not isinstance(overlay_states, Mapping):
+        msg = (f"overlay_states must be a mapping overlay name -> state (or list of states), "
+               f"got {type(overlay_states).__name__}")
+        raise ValueError(msg)
+    names = {name: models for name, _, models in resolved}
+    unknown = sorted(set(overlay_states) - set(names))
+    if unknown:
+        msg = f"overlay_states names overlays {unknown} that overlays lacks; overlays has {sorted(names)}"
+        raise ValueError(msg)
+    if mode != "reset":
+        return {}
+    out = {}
+    for name, value in overlay_states.items():
+        states = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(states) != len(names[name]):
+            msg = f"overlay_states[{name!r}] gives {len(states)} states for {len(names[name])} models"
+            raise ValueError(msg)
+        out[name] = states
+    return out
+
+
 def _project_overlays(
     objective: Objective,
     center: Params,
     directions: tuple[Params, ...],
     resolved: list[tuple[str, str, list[Params]]],
+    *,
+    mode: str = "none",
+    own: Mapping[str, list[Params]] | None = None,
+    reset: tuple[Array, int] | None = None,
 ) -> tuple[Overlay, ...]:
+    from probes import batchnorm as bn
+
+    own = own or {}
     out = []
     for name, kind, models in resolved:
         proj = [project(m, center, directions) for m in models]
-        stats = _evaluate_models(objective, tree.stack(models))
+        stacked = tree.stack(models)
+        if mode == "reset" and name in own:
+            stats = bn.evaluate_stacked_given(objective, stacked, tree.stack(own[name]), chunk=8)
+            used = "own"
+        elif mode == "reset":
+            x, bs = reset
+            keep = bn.momentum(objective, models[0])
+            stats = bn.evaluate_stacked_reset(objective, stacked, x=x, keep=keep, chunk=8, batch_size=bs)
+            used = "reset"
+        else:
+            stats, used = _evaluate_models(objective, stacked), mode
         out.append(
             Overlay(
                 name=name,
                 kind=kind,
                 coords=jnp.stack([p[0] for p in proj]).astype(jnp.float32),
                 residual=jnp.stack([p[1] for p in proj]),
-                loss=stats["loss"],
-                accuracy=stats["accuracy"],
+                loss=jnp.asarray(stats["loss"]),
+                accuracy=jnp.asarray(stats["accuracy"]),
+                stats=used,
             )
         )
     return tuple(out)
@@ -639,7 +735,7 @@ def _project_overlays(
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["alphas", "loss", "accuracy", "overlays"],
-    meta_fields=[],
+    meta_fields=["stats"],
 )
 @dataclasses.dataclass(frozen=True)
 class Surface1D:
@@ -649,12 +745,16 @@ class Surface1D:
         alphas: ``(n,)`` grid coordinates.
         loss, accuracy: ``(n,)`` full-dataset values at each ``α``.
         overlays: projected models / curves (coordinates are ``(m, 1)``).
+        stats: BatchNorm statistics of the grid points (:mod:`probes.batchnorm`): ``"reset"``
+            (recomputed at every point but the center, ``α = 0``, which uses the objective's),
+            ``"given"`` (the objective's everywhere) or ``"none"``.
     """
 
     alphas: Array
     loss: Array
     accuracy: Array
     overlays: tuple[Overlay, ...] = ()
+    stats: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
@@ -663,6 +763,7 @@ class Surface1D:
             "loss": _json(self.loss),
             "accuracy": _json(self.accuracy),
             "overlays": [o.to_dict() for o in self.overlays],
+            "stats": self.stats,
         }
 
     def plot(self, *, log: bool = False) -> Any:
@@ -699,7 +800,7 @@ class Surface1D:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["xs", "ys", "loss", "accuracy", "overlays"],
-    meta_fields=[],
+    meta_fields=["stats"],
 )
 @dataclasses.dataclass(frozen=True)
 class Surface2D:
@@ -709,6 +810,9 @@ class Surface2D:
         xs, ys: ``(nx,)`` and ``(ny,)`` grid coordinates.
         loss, accuracy: ``(nx, ny)`` values, ``loss[i, j]`` at ``(xs[i], ys[j])`` (``ij`` indexing).
         overlays: projected models / curves / trajectories (coordinates are ``(m, 2)``).
+        stats: BatchNorm statistics of the grid points (:mod:`probes.batchnorm`): ``"reset"``
+            (recomputed at every point but the center ``(0, 0)``, which uses the objective's),
+            ``"given"`` (the objective's everywhere) or ``"none"``.
     """
 
     xs: Array
@@ -716,6 +820,7 @@ class Surface2D:
     loss: Array
     accuracy: Array
     overlays: tuple[Overlay, ...] = ()
+    stats: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (``loss`` and ``accuracy`` as nested lists indexed ``[i][j]``)."""
@@ -725,6 +830,7 @@ class Surface2D:
             "loss": _json(self.loss),
             "accuracy": _json(self.accuracy),
             "overlays": [o.to_dict() for o in self.overlays],
+            "stats": self.stats,
         }
 
     def plot(self, *, kind: str = "surface", log: bool = False, metric: str = "loss") -> Any:
@@ -789,6 +895,9 @@ def surface_1d(
     grid: Any,
     chunk: int | None = None,
     overlays: Mapping[str, Any] | None = None,
+    stats: str | None = None,
+    overlay_states: Mapping[str, Any] | None = None,
+    reset_x: Any = None,
 ) -> Surface1D:
     """Loss and accuracy along a line, ``f(α) = L(θ + α d)`` for every ``α`` in ``grid``.
 
@@ -806,18 +915,19 @@ def surface_1d(
         chunk: grid points vmapped together inside each ``lax.map`` step.
         overlays: ``{name: params}`` (a model) or ``{name: [params, ...] | stacked params}`` (a
             curve / trajectory) to project onto the line (see :class:`Overlay`).
+        stats, overlay_states, reset_x: BatchNorm statistics, see :func:`surface_2d`.
 
     Raises:
         ValueError: an empty grid, a direction or overlay that does not match ``center`` (naming
-            the path), a bad ``chunk``.
+            the path), a bad ``chunk``, ``stats="reset"`` for a model without running statistics.
     """
     alphas = _check_axis(grid, "grid")
     _check_directions(center, [direction])
     c = _check_chunk(chunk)
     resolved = _resolve_overlays(center, overlays)
-    stats = _evaluate_points(objective, center, (direction,), alphas[:, None], chunk=c)
-    ov = _project_overlays(objective, center, (direction,), resolved)
-    return Surface1D(alphas=alphas, loss=stats["loss"], accuracy=stats["accuracy"], overlays=ov)
+    values, mode, ov = _grid_and_overlays(objective, center, (direction,), alphas[:, None], c, resolved,
+                                          stats=stats, overlay_states=overlay_states, reset_x=reset_x)
+    return Surface1D(alphas=alphas, loss=values["loss"], accuracy=values["accuracy"], overlays=ov, stats=mode)
 
 
 def surface_2d(
@@ -828,6 +938,9 @@ def surface_2d(
     grid: tuple[Any, Any],
     chunk: int | None = None,
     overlays: Mapping[str, Any] | None = None,
+    stats: str | None = None,
+    overlay_states: Mapping[str, Any] | None = None,
+    reset_x: Any = None,
 ) -> Surface2D:
     """Loss and accuracy on a plane, ``f(x, y) = L(θ + x d_1 + y d_2)`` on the grid ``xs x ys``.
 
@@ -849,6 +962,15 @@ def surface_2d(
         chunk: grid points vmapped together inside each ``lax.map`` step.
         overlays: ``{name: params}`` (a model) or ``{name: [params, ...] | stacked params}`` (a
             curve / trajectory) to project onto the plane (see :class:`Overlay`).
+        stats: BatchNorm running statistics (:mod:`probes.batchnorm`). ``"reset"`` (the default
+            for a model with them): every grid point but the center is evaluated with statistics
+            recomputed there on ``reset_x`` (default: the objective's inputs), the center with the
+            objective's (it is the trained model the objective carries the state of), and each
+            overlay model with its own from ``overlay_states`` or, without, with RESET.
+            ``"given"``: the objective's statistics everywhere.
+        overlay_states: ``{overlay name: state}`` (a model) or ``{name: [state, ...]}`` (one per
+            model of a curve), the overlays' own running statistics.
+        reset_x: inputs (or an Objective: inputs and batch size) for RESET.
 
     Returns:
         A :class:`Surface2D` with ``loss[i, j]`` at ``(xs[i], ys[j])``.
@@ -870,26 +992,21 @@ def surface_2d(
     resolved = _resolve_overlays(center, overlays)
     gx, gy = jnp.meshgrid(xs, ys, indexing="ij")
     coords = jnp.stack([gx.ravel(), gy.ravel()], axis=-1)
-    stats = _evaluate_points(objective, center, dirs, coords, chunk=c)
+    values, mode, ov = _grid_and_overlays(objective, center, dirs, coords, c, resolved, stats=stats,
+                                          overlay_states=overlay_states, reset_x=reset_x)
     shape = (xs.shape[0], ys.shape[0])
-    ov = _project_overlays(objective, center, dirs, resolved)
     return Surface2D(
         xs=xs,
         ys=ys,
-        loss=stats["loss"].reshape(shape),
-        accuracy=stats["accuracy"].reshape(shape),
+        loss=values["loss"].reshape(shape),
+        accuracy=values["accuracy"].reshape(shape),
         overlays=ov,
+        stats=mode,
     )
 
 
 def _json(x: Any) -> Any:
-    """Nested lists of floats with NaN / inf as None."""
-    arr = np.asarray(x, dtype=np.float64)
-    obj = np.where(np.isfinite(arr), arr, np.nan).tolist()
+    """Nested lists of floats with NaN / inf as None (:func:`probes.numerics.json_safe`)."""
+    from probes.numerics import json_safe
 
-    def clean(v: Any) -> Any:
-        if isinstance(v, list):
-            return [clean(u) for u in v]
-        return None if v != v else float(v)
-
-    return clean(obj)
+    return json_safe(np.asarray(x, dtype=np.float64))

@@ -109,7 +109,7 @@ def test_pam_bad_input(zoo):
     with pytest.raises(ValueError, match="spec uses"):
         pam_check(jax.random.key(0), obj, a, b, {"P_0": good["P_0"]}, **kw)
     bad = dict(good, P_0=jnp.zeros_like(good["P_0"]))
-    with pytest.raises(ValueError, match=r"perm\['P_0'\] must be a permutation"):
+    with pytest.raises(ValueError, match=r"'P_0'\]? (must be|is not) a permutation"):
         pam_check(jax.random.key(0), obj, a, b, bad, **kw)
     with pytest.raises(ValueError, match="outer must be an int >= 1"):
         pam_check(jax.random.key(0), obj, a, b, good, outer=0)
