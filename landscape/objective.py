@@ -25,11 +25,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from landscape._types import ApplyFn, Array, LossFn, Params
 
-__all__ = ["LOSSES", "Objective"]
+__all__ = ["LOSSES", "Objective", "check_targets", "label_range"]
 
 
 def _cross_entropy_labels(logits: Array, y: Array) -> Array:
@@ -56,13 +57,88 @@ def _cross_entropy_labels(logits: Array, y: Array) -> Array:
     return shift + jnp.log1p(jnp.expm1(-shift) + jnp.sum(terms, axis=-1))
 
 
+def _describe(y: Any, out_shape: tuple[int, ...]) -> str:
+    classes = out_shape[-1] if len(out_shape) else 1
+    return (
+        f"labels have shape {tuple(jnp.shape(y))} and dtype {jnp.result_type(y)}; the outputs have shape "
+        f"{tuple(out_shape)} ({classes} classes)"
+    )
+
+
+def check_targets(
+    y: Any, out_shape: tuple[int, ...], *, loss: str, label_range: tuple[int, int] | None = None
+) -> None:
+    """Raise ``ValueError`` unless targets ``y`` fit model outputs of shape ``out_shape`` for ``loss``.
+
+    The accepted targets (``docs/numerics.md``), checked on shapes and dtypes only (trace time, no
+    cost at run time) plus the concrete ``label_range = (min, max)`` when known:
+
+    * **class ids**: an integer array of shape ``out_shape[:-1]`` with values in ``[0, C)``,
+      ``C = out_shape[-1]`` (``"cross_entropy"``; ``"mse"`` one-hot encodes them). A label ``-1`` or
+      ``C`` is an error, never the last class or NaN.
+    * **probability / one-hot rows** (``"cross_entropy"``, ``"mse"``): a float array of exactly
+      ``out_shape`` — ``(N, C)`` for ``(N, C)`` logits. Float targets of any other shape (``(N,)``
+      float labels, an ``(N, 1)`` one-hot) are an error, not broadcast.
+    * **regression targets** (``"mse"``): a float array of ``out_shape``, or ``(N,)`` for ``(N, 1)``
+      outputs.
+
+    ``loss="callable"`` checks nothing: a callable loss owns the meaning of its targets (the
+    accuracy of a row whose integer label is outside ``[0, C)`` is then NaN, see ``evaluate``).
+    """
+    out_shape = tuple(out_shape)
+    y_shape, y_dtype = tuple(jnp.shape(y)), jnp.result_type(y)
+    integer = jnp.issubdtype(y_dtype, jnp.integer)
+    if loss == "callable":  # the callable owns the meaning of its targets
+        return
+    if integer and y_shape == out_shape[:-1] and len(out_shape) >= 1:
+        if label_range is not None:
+            lo, hi = label_range
+            if lo < 0 or hi >= out_shape[-1]:
+                msg = (
+                    f"class labels must lie in [0, {out_shape[-1]}), got labels from {lo} to {hi}: "
+                    + _describe(y, out_shape)
+                )
+                raise ValueError(msg)
+        return
+    if integer:
+        msg = f"integer class labels must have the outputs' shape without the class axis: {_describe(y, out_shape)}"
+        raise ValueError(msg)
+    if not jnp.issubdtype(y_dtype, jnp.floating):
+        msg = f"targets must be integer class ids or float rows: {_describe(y, out_shape)}"
+        raise ValueError(msg)
+    if y_shape == out_shape:
+        return
+    if loss == "mse" and len(out_shape) == 2 and out_shape[1] == 1 and y_shape == out_shape[:1]:
+        return
+    if loss == "cross_entropy" and len(y_shape) == 1:
+        msg = (
+            "float targets of shape (N,) for cross_entropy: class ids must be an integer array, probability "
+            f"rows must have the outputs' shape (N, C): {_describe(y, out_shape)}"
+        )
+        raise ValueError(msg)
+    msg = f"float targets must have exactly the outputs' shape (no broadcasting): {_describe(y, out_shape)}"
+    raise ValueError(msg)
+
+
+def label_range(y: Any) -> tuple[int, int] | None:
+    """``(min, max)`` of concrete integer labels (``None`` for float or traced targets)."""
+    if isinstance(y, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.size(y) == 0:
+        return None
+    if not getattr(y, "is_fully_addressable", True):  # a multi-host global array: values not all local
+        return None
+    arr = np.asarray(y)
+    return int(arr.min()), int(arr.max())
+
+
 def _cross_entropy(logits: Array, y: Array) -> Array:
+    check_targets(y, logits.shape, loss="cross_entropy")
     if jnp.issubdtype(y.dtype, jnp.integer):
         return _cross_entropy_labels(logits, y)
     return optax.softmax_cross_entropy(logits, y)
 
 
 def _mse(out: Array, y: Array) -> Array:
+    check_targets(y, out.shape, loss="mse")
     if jnp.issubdtype(y.dtype, jnp.integer):
         y = jax.nn.one_hot(y, out.shape[-1], dtype=out.dtype)
     err = (out - y.reshape(out.shape)) ** 2
@@ -74,12 +150,27 @@ LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
 
 
 def _correct(logits: Array, y: Array) -> Array:
-    """Per-example 0/1 correctness; targets are class ids or one-hot / probability rows."""
-    if logits.ndim != 2:
-        return jnp.full(logits.shape[:1], jnp.nan)
+    """Per-example 0/1 correctness; targets are class ids or one-hot / probability rows.
+
+    NaN where it is not defined: outputs that are not ``(batch, classes)`` with at least two
+    classes, float targets that are not rows of the outputs' shape, labels outside ``[0, C)``
+    (reachable only with a callable loss; built-in losses reject them), and rows whose logits are
+    not all finite (``argmax`` of NaN would be class 0).
+    """
+    nan = jnp.full(logits.shape[:1], jnp.nan, jnp.float32)
+    if logits.ndim != 2 or logits.shape[-1] < 2:
+        return nan
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        if y.shape != logits.shape[:1]:
+            return nan
+        label = y
+    elif y.shape == logits.shape:
+        label = jnp.argmax(y, axis=-1)
+    else:
+        return nan
     pred = jnp.argmax(logits, axis=-1)
-    label = y if jnp.issubdtype(y.dtype, jnp.integer) else jnp.argmax(y, axis=-1)
-    return (pred == label).astype(jnp.float32)
+    ok = jnp.all(jnp.isfinite(logits), axis=-1) & (label >= 0) & (label < logits.shape[-1])
+    return jnp.where(ok, (pred == label).astype(jnp.float32), jnp.nan)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -89,15 +180,18 @@ class Objective:
     Args:
         apply_fn: ``apply_fn(params, x) -> logits`` for a batch ``x``.
         x: inputs with a leading example axis.
-        y: targets: integer class ids (cross-entropy, accuracy), one-hot / probability rows, or
-            regression targets for ``"mse"``.
+        y: targets: integer class ids in ``[0, C)`` (cross-entropy, accuracy), float probability /
+            one-hot rows of exactly the outputs' shape ``(N, C)``, or regression targets for
+            ``"mse"`` (see :func:`check_targets`; any other shape or a label outside ``[0, C)`` is a
+            ``ValueError`` naming both shapes at the first evaluation, never broadcast or wrapped).
         loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(logits, y) -> (batch,)`` of
             per-example losses.
         batch_size: the largest number of examples per fixed-size batch; the number of batches
             ``ceil(n / batch_size)`` is static and the batches are evened out.
 
     ``Objective`` is a pytree whose leaves are ``x`` and ``y``, so it can be passed through
-    ``jax.jit``; ``apply_fn``, ``loss`` and ``batch_size`` are static.
+    ``jax.jit``; ``apply_fn``, ``loss``, ``batch_size`` and ``label_range`` (the concrete
+    ``(min, max)`` of integer labels, checked against the class count) are static.
     """
 
     apply_fn: ApplyFn
@@ -105,6 +199,7 @@ class Objective:
     y: Array
     loss_name: str | LossFn
     batch_size: int
+    label_range: tuple[int, int] | None
 
     def __init__(
         self,
@@ -138,11 +233,21 @@ class Objective:
         if not isinstance(batch_size, int) or batch_size < 1:
             msg = f"batch_size must be a positive int, got {batch_size!r}"
             raise ValueError(msg)
+        labels = label_range(y)
+        if isinstance(loss, str) and labels is not None and labels[0] < 0:
+            msg = (
+                f"class labels must be >= 0, got labels from {labels[0]} to {labels[1]} (shape "
+                f"{tuple(jnp.shape(y))}, dtype {jnp.result_type(y)}); a label -1 is not the last class"
+            )
+            raise ValueError(msg)
+        if loss == "cross_entropy" and not isinstance(y, jax.core.Tracer):
+            _check_probability_rows(y)
         object.__setattr__(self, "apply_fn", apply_fn)
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "loss_name", loss)
         object.__setattr__(self, "batch_size", batch_size)
+        object.__setattr__(self, "label_range", labels)
 
     # ------------------------------------------------------------------ data layout
     @property
@@ -207,6 +312,8 @@ class Objective:
     def _sums(self, params: Params) -> dict[str, Array]:
         def fn(xb: Array, yb: Array, m: Array) -> dict[str, Array]:
             logits = self.apply_fn(params, xb)
+            name = self.loss_name if isinstance(self.loss_name, str) else "callable"
+            check_targets(yb, jnp.shape(logits), loss=name, label_range=self.label_range)
             per = self.loss_fn(logits, yb)
             correct = _correct(logits, yb)
             acc_t = jnp.promote_types(per.dtype, jnp.float32)
@@ -225,7 +332,8 @@ class Objective:
         """``{"loss": mean loss, "accuracy": fraction correct}`` over the whole dataset.
 
         Accuracy is the argmax match with integer targets (or the argmax of one-hot targets); it is
-        NaN for outputs that are not ``(batch, classes)``.
+        NaN for outputs that are not ``(batch, classes)`` with ``classes >= 2`` and whenever a row's
+        logits are not finite (``docs/numerics.md``): NaN logits never score as class 0.
         """
         sums = self._sums(params)
         return {k: v / self.num_examples for k, v in sums.items()}
@@ -237,15 +345,38 @@ class Objective:
         return out.reshape((-1,) + out.shape[2:])[: self.num_examples]
 
 
+def _check_probability_rows(y: Any) -> None:
+    """Float cross-entropy targets must be probability rows: ``(N, C)``, entries >= 0, rows summing to 1."""
+    if not jnp.issubdtype(jnp.result_type(y), jnp.floating) or not getattr(y, "is_fully_addressable", True):
+        return
+    arr = np.asarray(y, np.float64)
+    if arr.ndim != 2:
+        msg = (
+            f"float targets for cross_entropy must be probability rows of shape (N, C), got shape {arr.shape} "
+            f"and dtype {jnp.result_type(y)}; pass class ids as an integer array"
+        )
+        raise ValueError(msg)
+    sums = arr.sum(axis=1)
+    bad = ~(np.all(arr >= 0, axis=1) & np.isclose(sums, 1.0, atol=1e-3))
+    if bad.any():
+        i = int(np.argmax(bad))
+        msg = (
+            f"float targets for cross_entropy must be probability rows (entries >= 0, each row summing to 1); "
+            f"row {i} of shape {arr.shape} sums to {sums[i]:.6g}"
+        )
+        raise ValueError(msg)
+
+
 def _flatten(obj: Objective) -> tuple[tuple[Array, Array], tuple[Any, ...]]:
-    return (obj.x, obj.y), (obj.apply_fn, obj.loss_name, obj.batch_size)
+    return (obj.x, obj.y), (obj.apply_fn, obj.loss_name, obj.batch_size, obj.label_range)
 
 
 def _unflatten(aux: tuple[Any, ...], children: tuple[Array, Array]) -> Objective:
     obj = object.__new__(Objective)
-    apply_fn, loss_name, batch_size = aux
+    apply_fn, loss_name, batch_size, labels = aux
     for name, value in zip(
-        ("apply_fn", "x", "y", "loss_name", "batch_size"), (apply_fn, *children, loss_name, batch_size)
+        ("apply_fn", "x", "y", "loss_name", "batch_size", "label_range"),
+        (apply_fn, *children, loss_name, batch_size, labels),
     ):
         object.__setattr__(obj, name, value)
     return obj

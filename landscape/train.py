@@ -36,10 +36,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from landscape._checks import check_float, check_int
 from landscape._types import ApplyFn, Array, Key, LossFn, Params
-from landscape.objective import LOSSES
+from landscape.objective import LOSSES, check_targets, label_range
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainResult", "TrainState", "Trainer", "make_optimizer", "spawn"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "DivergenceError", "TrainResult", "TrainState", "Trainer", "make_optimizer", "spawn"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "cyclic")
@@ -64,6 +65,12 @@ def make_optimizer(
     restarts every ``cycle_steps`` (snapshot ensembles, Huang et al. 2017, arXiv 1704.00109; with a
     short cycle, FGE, Garipov et al. 2018, arXiv 1802.10026). ``weight_decay`` is decoupled for
     ``"adamw"`` and an L2 term added to the gradient for ``"sgd"``/``"adam"``.
+
+    Raises:
+        ValueError: naming the setting, for an unknown name or schedule, a ``learning_rate`` that
+            is not finite and > 0, ``momentum`` outside ``[0, 1)`` (1 never forgets a gradient;
+            above 1 the steps grow without bound), a negative or non-finite ``weight_decay``,
+            ``final_fraction`` outside ``[0, 1]``, or step counts that are not ints.
     """
     if name not in OPTIMIZERS:
         msg = f"unknown optimizer {name!r}; accepted: {list(OPTIMIZERS)}"
@@ -71,15 +78,21 @@ def make_optimizer(
     if schedule not in SCHEDULES:
         msg = f"unknown schedule {schedule!r}; accepted: {list(SCHEDULES)}"
         raise ValueError(msg)
-    if not learning_rate > 0:
-        msg = f"learning_rate must be > 0, got {learning_rate!r}"
-        raise ValueError(msg)
+    learning_rate = check_float("learning_rate", learning_rate, low=0.0, low_open=True)
+    momentum = check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    weight_decay = check_float("weight_decay", weight_decay, low=0.0)
+    final_fraction = check_float("final_fraction", final_fraction, low=0.0, high=1.0)
+    warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
     if schedule in ("cosine", "warmup_cosine") and not total_steps:
         msg = f"schedule {schedule!r} needs total_steps > 0, got {total_steps!r}"
         raise ValueError(msg)
     if schedule == "cyclic" and not cycle_steps:
         msg = f"schedule 'cyclic' needs cycle_steps > 0, got {cycle_steps!r}"
         raise ValueError(msg)
+    if total_steps is not None:
+        total_steps = check_int("total_steps", total_steps, low=1)
+    if cycle_steps is not None:
+        cycle_steps = check_int("cycle_steps", cycle_steps, low=1)
 
     lr: Any
     if schedule == "constant":
@@ -240,6 +253,14 @@ class Trainer:
         (p, m, o), (losses, accs) = jax.lax.scan(step, (ts.params, ts.model_state, ts.opt_state), steps)
         return TrainState(p, m, o, ts.step), losses, accs
 
+    def _check_targets(self, state: TrainState) -> None:
+        """Labels against the model's output shape and class count (one abstract forward pass)."""
+        xb = jax.ShapeDtypeStruct((self.batch_size,) + tuple(jnp.shape(self.x))[1:], jnp.result_type(self.x))
+        out = jax.eval_shape(lambda p, m, x: self._forward(p, m, x)[0], state.params, state.model_state, xb)
+        yb = jax.ShapeDtypeStruct((self.batch_size,) + tuple(jnp.shape(self.y))[1:], jnp.result_type(self.y))
+        check_targets(yb, out.shape, loss=self.loss if isinstance(self.loss, str) else "callable",
+                      label_range=label_range(self.y))
+
     # ----------------------------------------------------------------- public loop
     def run(
         self,
@@ -262,11 +283,21 @@ class Trainer:
                 and end) — the trajectory for PCA planes, SWA and instability analysis.
             capture_steps: further global steps to keep checkpoints at.
             progress: show a tqdm bar (``None``: only on a terminal).
+
+        Raises:
+            ValueError: ``steps`` / ``epochs`` not a whole number (``epochs=2.9`` is not 2), or
+                labels that do not fit the model's outputs (:func:`landscape.objective.check_targets`).
+            DivergenceError: a minibatch loss or the parameters became NaN or infinite; the error
+                names the global step and epoch and carries the last finite state. Training
+                never returns non-finite parameters (``docs/numerics.md``).
         """
         if (steps is None) == (epochs is None):
             msg = f"give exactly one of steps or epochs, got steps={steps!r}, epochs={epochs!r}"
             raise ValueError(msg)
-        until = int(steps) if steps is not None else int(epochs) * self.steps_per_epoch
+        # a whole number: epochs=2.9 is an error, not 2 epochs
+        until = check_int("steps", steps, low=0) if steps is not None else (
+            check_int("epochs", epochs, low=0) * self.steps_per_epoch)
+        self._check_targets(state)
         if until < state.step:
             msg = f"the run is already at step {state.step}, past the requested end {until}"
             raise ValueError(msg)
@@ -294,6 +325,7 @@ class Trainer:
             new, seg_loss, seg_acc = self._segment(
                 dataclasses.replace(ts, step=0), key, jnp.asarray(lo), self.x, self.y, length=hi - lo
             )
+            _check_finite(np.asarray(seg_loss), new.params, lo, spe, ts)
             ts = dataclasses.replace(new, step=hi)
             losses.append(np.asarray(seg_loss))
             accs.append(np.asarray(seg_acc))
@@ -305,6 +337,47 @@ class Trainer:
         bar.close()
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0,), np.float32)  # noqa: E731
         return TrainResult(ts, tuple(checkpoints), cat(losses), cat(accs))
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or non-finite parameters.
+
+    Attributes:
+        step: the global step whose loss (or resulting parameters) was not finite.
+        epoch: ``step // steps_per_epoch``.
+        state: the last :class:`TrainState` known to be finite (the start of the failing segment).
+    """
+
+    def __init__(self, msg: str, *, step: int, epoch: int, state: TrainState) -> None:
+        super().__init__(msg)
+        self.step, self.epoch, self.state = step, epoch, state
+
+
+@jax.jit
+def _all_finite(params: Params) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _check_finite(seg_loss: np.ndarray, params: Params, start: int, spe: int, last_ok: TrainState) -> None:
+    """Raise :class:`DivergenceError` at the first non-finite loss of a segment starting at global
+    step ``start``, or if the parameters after it are not finite."""
+    bad = np.nonzero(~np.isfinite(seg_loss))[0]
+    if bad.size:
+        step = start + int(bad[0])
+        what = f"the minibatch loss is {seg_loss[bad[0]]}"
+    elif not bool(_all_finite(params)):
+        step = start + seg_loss.size - 1
+        what = "the parameters after the update are not finite"
+    else:
+        return
+    epoch = step // max(spe, 1)
+    msg = (
+        f"training diverged at global step {step} (epoch {epoch}, step {step - epoch * spe} of {spe} in it): "
+        f"{what}; lower the learning rate or check the data. The last finite state is at step {last_ok.step} "
+        "(DivergenceError.state)"
+    )
+    raise DivergenceError(msg, step=step, epoch=epoch, state=last_ok)
 
 
 def spawn(

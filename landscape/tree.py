@@ -26,16 +26,20 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import keystr
 
+from landscape._checks import check_array_leaves
 from landscape._types import Array, Key, Params
 
 __all__ = [
     "add",
     "add_scaled",
+    "check_float",
     "check_match",
+    "check_scalar",
     "cosine",
     "key_name",
     "lerp",
     "named_leaves",
+    "nonfinite_leaves",
     "norm",
     "num_params",
     "random_like",
@@ -74,6 +78,8 @@ def check_match(a: Params, b: Params, *, names: tuple[str, str] = ("a", "b")) ->
     la, ta = jax.tree.flatten_with_path(a)
     lb, tb = jax.tree.flatten_with_path(b)
     na, nb = names
+    check_array_leaves(a, what=na)
+    check_array_leaves(b, what=nb)
     for (pa, xa), (pb, xb) in zip(la, lb):
         if key_name(pa) != key_name(pb) or type(pa[-1:]) is not type(pb[-1:]):
             msg = (
@@ -114,18 +120,68 @@ def sub(a: Params, b: Params) -> Params:
     return _map2(jnp.subtract, a, b)
 
 
+def check_scalar(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a scalar (0-d; traced values are checked by shape).
+
+    A coefficient with a shape would broadcast against each leaf's last axis (one coefficient per
+    column), which no caller means: sweep with ``jax.vmap`` over scalars instead.
+    """
+    if jnp.ndim(value) != 0:
+        msg = f"{name} must be a scalar (use jax.vmap for a sweep), got shape {jnp.shape(value)}"
+        raise ValueError(msg)
+
+
+def check_float(op: str, a: Params, *, what: str = "params") -> None:
+    """Raise ``ValueError`` naming the first leaf of ``a`` that is not floating point.
+
+    Scaling or interpolating an integer or boolean leaf would truncate the result back to the
+    leaf's dtype (``lerp`` of 0 and 1 at ``t=0.5`` giving 0); such leaves (step counters, index
+    buffers) do not belong in a params tree that is combined.
+    """
+    for name, x in named_leaves(a):
+        dt = jnp.result_type(x)
+        if not jnp.issubdtype(dt, jnp.inexact):
+            msg = (
+                f"{op} needs floating-point leaves, but {what} leaf {name!r} has dtype {dt}: the result "
+                "would be truncated; keep integer state out of the params tree"
+            )
+            raise ValueError(msg)
+
+
+def nonfinite_leaves(a: Params) -> list[str]:
+    """Names of the floating-point leaves of a concrete tree that hold a NaN or ±inf entry."""
+    return [
+        name
+        for name, x in named_leaves(a)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))
+    ]
+
+
 def scale(a: Params, s: Array | float) -> Params:
-    """``s * a`` for a scalar ``s`` (may be traced); leaf dtypes are kept."""
+    """``s * a`` for a scalar ``s`` (may be traced); leaf dtypes are kept.
+
+    Raises ``ValueError`` for a non-scalar ``s`` or an integer leaf (:func:`check_scalar`,
+    :func:`check_float`)."""
+    check_scalar("s", s)
+    check_float("scale", a)
     return jax.tree.map(lambda x: (s * x).astype(x.dtype), a)
 
 
 def add_scaled(a: Params, b: Params, s: Array | float) -> Params:
-    """``a + s * b`` (the axpy of BLAS)."""
+    """``a + s * b`` (the axpy of BLAS) for a scalar ``s``; float leaves only, like :func:`scale`."""
+    check_scalar("s", s)
+    check_float("add_scaled", a)
     return _map2(lambda x, y: (x + s * y).astype(x.dtype), a, b)
 
 
 def lerp(a: Params, b: Params, t: Array | float) -> Params:
-    """Linear interpolation ``(1 - t) a + t b``, exact at both ends (``t=0`` gives ``a``, ``t=1`` gives ``b``)."""
+    """Linear interpolation ``(1 - t) a + t b``, exact at both ends (``t=0`` gives ``a``, ``t=1`` gives ``b``).
+
+    ``t`` must be a scalar (may be traced; ``jax.vmap`` for a sweep) and every leaf floating point:
+    a shaped ``t`` or an integer leaf is a ``ValueError`` (:func:`check_scalar`, :func:`check_float`).
+    """
+    check_scalar("t", t)
+    check_float("lerp", a)
     return _map2(lambda x, y: ((1 - t) * x + t * y).astype(x.dtype), a, b)
 
 

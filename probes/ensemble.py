@@ -92,11 +92,10 @@ class EnsembleResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict with the derived numbers (NaN as None)."""
 
+        from probes.numerics import json_safe
+
         def num(x: Any) -> Any:
-            arr = np.asarray(x, dtype=np.float64)
-            if arr.ndim == 0:
-                return float(arr) if np.isfinite(arr) else None
-            return [num(v) for v in arr]
+            return json_safe(np.asarray(x, dtype=np.float64))
 
         return {
             "num_members": self.num_members,

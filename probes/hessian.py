@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -386,18 +385,11 @@ def _dense_impl(objective: Objective, params: Params, *, select: tuple[bool, ...
 
 # --------------------------------------------------------------------------------------- results
 def _json(x: Any) -> Any:
+    """Nested lists (floats, or bools for flags) with NaN / inf as None (:func:`probes.numerics.json_safe`)."""
+    from probes.numerics import json_safe
+
     arr = np.asarray(x)
-    if arr.dtype == bool:
-        return arr.tolist()
-    arr = arr.astype(float)
-    out = arr.tolist()
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, list):
-            return [clean(w) for w in v]
-        return v if math.isfinite(v) else None
-
-    return clean(out)
+    return json_safe(arr if arr.dtype == bool else arr.astype(float))
 
 
 def _register(cls: type, data: tuple[str, ...], meta: tuple[str, ...]) -> type:

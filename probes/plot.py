@@ -58,12 +58,27 @@ def path_figure(
                     ),
                     row=1, col=col,
                 )
+            bad = ~np.isfinite(values)
+            if bad.any():  # non-finite points: marked where the curve breaks, not skipped silently
+                good = values[~bad]
+                level = float(np.max(good)) if good.size else 0.0
+                fig.add_trace(
+                    go.Scatter(
+                        x=ts[bad], y=np.full(int(bad.sum()), level), mode="markers", name=f"{name} non-finite",
+                        legendgroup=name, showlegend=False, marker={"symbol": "x", "size": 10, "color": "red"},
+                        hovertemplate="t=%{x:.3f}<br>non-finite<extra>" + name + "</extra>",
+                    ),
+                    row=1, col=col,
+                )
         try:
             b = res.barrier
         except ValueError:
             continue
+        text = f"{name}: loss barrier {b.loss:.4g} (t={b.t_loss:.2f}), error barrier {b.error:.4g}"
+        if not b.finite:
+            text = f"{name}: NON-FINITE values on the path (marked x): loss barrier {b.loss:.4g}, error barrier {b.error:.4g}"
         fig.add_annotation(
-            text=f"{name}: loss barrier {b.loss:.4g} (t={b.t_loss:.2f}), error barrier {b.error:.4g}",
+            text=text,
             xref="paper", yref="paper", x=0.0, y=-0.18 - 0.07 * i, showarrow=False, xanchor="left",
             font={"color": color, "size": 12},
         )

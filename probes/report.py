@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +31,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from landscape import Objective, io, models
+from landscape import Objective, io, models, tree
 from landscape import data as data_lib
 from landscape.train import TrainResult, Trainer, make_optimizer
-from probes.config import ReportConfig
+from probes.config import ConfigError, ReportConfig, check_dataset_fit
 from probes.curves import PathResult, interpolate
+from probes.numerics import json_safe
 from probes.plot import COLORS, figure_html, path_figure
 
 __all__ = ["SCHEMA_VERSION", "Context", "Section", "TrainedModel", "run_report"]
@@ -117,10 +119,20 @@ def _load_dataset(config: ReportConfig) -> Any:
 
 
 def _prepare(config: ReportConfig) -> tuple[Any, Any, dict[str, Any]]:
-    """Load the data and build one model: every config error surfaces here, before training."""
-    dataset = _load_dataset(config)
-    kwargs = _model_kwargs(config, dataset)
-    model = models.build(config.model.name, jax.random.key(0), **kwargs)
+    """Load the data and build one model: every config error surfaces here, before training and
+    before any folder is created, as a :class:`~probes.config.ConfigError` naming the file and table."""
+    try:
+        dataset = _load_dataset(config)
+    except (ValueError, TypeError) as err:
+        msg = f"{config.source}: data: {err}"
+        raise ConfigError(msg) from err
+    check_dataset_fit(config, num_train=int(len(dataset.train[0])))
+    try:
+        kwargs = _model_kwargs(config, dataset)
+        model = models.build(config.model.name, jax.random.key(0), **kwargs)
+    except (ValueError, TypeError) as err:
+        msg = f"{config.source}: model: {err}"
+        raise ConfigError(msg) from err
     apply_fn, _, _ = models.functional(model)
     return dataset, apply_fn, kwargs
 
@@ -153,6 +165,13 @@ def _train_member(
     template = {"params": params, "state": state}
     if path.is_file():
         stored, meta = io.load(path, like=template)
+        bad = tree.nonfinite_leaves(stored)
+        if bad:  # never resume from a poisoned cache
+            msg = (
+                f"cached checkpoint {str(path)!r} holds non-finite values (leaves {bad[:5]}); delete it to "
+                "retrain that model"
+            )
+            raise ValueError(msg)
         log(f"model {i}: loaded {path.name}")
         losses = np.asarray(json.loads(meta.get("losses", "[]")), dtype=np.float32)
         return TrainedModel(i, init_seed, data_seed, stored["params"], stored["state"], str(path), True,
@@ -171,7 +190,12 @@ def _train_member(
         "config": json.dumps(config.to_dict(), sort_keys=True), "train_seconds": seconds,
         "losses": json.dumps([round(float(v), 6) for v in epoch_losses]),
     }
-    io.save(path, {"params": result.params, "state": result.state.model_state}, metadata=meta)
+    to_save = {"params": result.params, "state": result.state.model_state}
+    bad = tree.nonfinite_leaves(to_save)
+    if bad:  # the Trainer stops on a divergence; a non-finite checkpoint is never cached either way
+        msg = f"model {i}: training ended with non-finite values in {bad[:5]}; not caching {str(path)!r}"
+        raise FloatingPointError(msg)
+    io.save(path, to_save, metadata=meta)
     log(f"model {i}: trained {tc.epochs} epochs in {seconds:.1f}s -> {path.name}")
     return TrainedModel(i, init_seed, data_seed, result.params, result.state.model_state, str(path), False,
                         seconds, epoch_losses.astype(np.float32))
@@ -221,7 +245,8 @@ def interpolation_section(ctx: Context) -> Section:
     curves: list[tuple[str, PathResult]] = []
     rows = []
     for split in ("train", "test"):
-        res = interpolate(ctx.objective(split, a), a.params, b.params, num=cfg.num, chunk=cfg.chunk)
+        res = interpolate(ctx.objective(split, a), a.params, b.params, num=cfg.num, chunk=cfg.chunk,
+                          **_bn_path(ctx, a, b))
         out[split] = res.to_dict()
         curves.append((split, res))
         for d in ("linear", "mean"):
@@ -229,14 +254,22 @@ def interpolation_section(ctx: Context) -> Section:
             rows.append([split, d, bar.loss, bar.t_loss, bar.error, bar.t_error, res.midpoint["accuracy"]])
     note = ""
     if a.state:
-        note = ("<p class='note'>BatchNorm statistics are those of the first endpoint along the whole path "
-                "(no RESET).</p>")
+        note = ("<p class='note'>BatchNorm: every point between the ends uses running statistics recomputed "
+                "there on the training inputs (RESET, Jordan et al. 2022); the ends use their own.</p>")
     fig = path_figure(curves, title=f"linear path from model {a.index} to model {b.index}")
     header = ["split", "definition", "loss barrier", "t (loss)", "error barrier", "t (error)", "acc at t=½"]
     intro = ("<p>Barrier (survey Eq. 1): <code>max_t L(θ(t)) − ((1−t)L(θ0) + tL(θ1))</code> "
              "(\"linear\"); \"mean\" compares with ½(L(θ0)+L(θ1)) as git-re-basin does. Training-set "
              "barriers come first: over-confident models can hide a barrier in the test loss.</p>")
     return Section("interpolation", "Linear interpolation", intro + _table(header, rows) + note + figure_html(fig), out)
+
+
+def _bn_path(ctx: Context, a: TrainedModel, b: TrainedModel) -> dict[str, Any]:
+    """Keywords of a path probe between two members: with running statistics (BatchNorm), RESET
+    between the ends on the training inputs and each end with its own statistics."""
+    if not a.state:
+        return {}
+    return {"stats": "reset", "end_states": (a.state, b.state), "reset_x": ctx.train_objective.x}
 
 
 def connectivity_section(ctx: Context) -> Section:
@@ -246,11 +279,13 @@ def connectivity_section(ctx: Context) -> Section:
     full = ctx.level("connectivity") == "full"
     methods = [m for m in CONNECTIVITY_METHODS if not (m == "repair" and ctx.config.model.name == "resnet")]
     members = ctx.models if full else ctx.models[:2]
-    pairs = [(members[i].params, members[i + 1].params) for i in range(0, len(members) - 1, 2 if not full else 1)]
+    idx = list(range(0, len(members) - 1, 2 if not full else 1))
+    pairs = [(members[i].params, members[i + 1].params) for i in idx]
+    bn_states = [(members[i].state, members[i + 1].state) for i in idx] if members[0].state else None
     res = connectivity(
         ctx.section_key("connectivity"), ctx.objective("train", members[0]), pairs,
         eval_objectives={"test": ctx.objective("test", members[0])}, methods=methods,
-        num=25 if full else 13, curve_steps=2000 if full else 300, singular_k=10,
+        num=25 if full else 13, curve_steps=2000 if full else 300, singular_k=10, states=bn_states,
     )
     ctx.cache["connectivity"] = res
     table = res.table()
@@ -288,7 +323,8 @@ def surfaces_section(ctx: Context) -> Section:
     d1 = random_direction(k1, m0.params, normalization="filter", ignore="biasbn")
     d2 = random_direction(k2, m0.params, normalization="filter", ignore="biasbn")
     axis = np.linspace(-1.0, 1.0, n)
-    random_plane = surface_2d(obj, m0.params, (d1, d2), grid=(axis, axis))
+    bn = {"reset_x": ctx.train_objective.x} if m0.state else {}
+    random_plane = surface_2d(obj, m0.params, (d1, d2), grid=(axis, axis), **bn)
     out: dict[str, Any] = {"random_plane": random_plane.to_dict()}
     body = (f"<p>Test loss on a filter-normalised random plane around model 0 (Li et al. 2018), {n}×{n} grid "
             "over [−1, 1]².</p>")
@@ -303,7 +339,9 @@ def surfaces_section(ctx: Context) -> Section:
         curve_pts = [fit.path(float(t)) for t in np.linspace(0, 1, 21)]
         through = surface_2d(obj, plane.origin, plane.directions, grid=(xs, ys),
                              overlays={"model A": m0.params, "aligned B": sample.aligned, "bend": bend,
-                                       "Bezier curve": curve_pts})
+                                       "Bezier curve": curve_pts},
+                             overlay_states={"model A": m0.state, "aligned B": sample.aligned_state} if m0.state
+                             else None, **bn)
         out["model_plane"] = through.to_dict()
         body += ("<p>Test loss on the plane through model A, model B after weight matching, and the bend of the "
                  "fitted Bezier curve (Garipov et al. 2018), with the curve drawn.</p>")
@@ -481,15 +519,24 @@ def run_report(
     out: str | Path,
     *,
     log: Callable[[str], None] = print,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train or load the zoo, run every section, write ``index.html`` and ``results.json``.
+
+    Args:
+        config: the validated configuration.
+        out: the output folder (created after the whole config has been checked).
+        log: receives one line per finished step (model trained or loaded, section timings).
+        progress: print a line to stderr when each section starts; ``None`` (default): only
+            when stderr is a terminal (so tests and pipes stay quiet).
 
     Returns the results dictionary that was written to ``results.json``.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         msg = f"--out {str(out)!r} exists and is not a directory"
-        raise ValueError(msg)
+        raise ConfigError(msg)
+    show = _stderr_is_terminal() if progress is None else bool(progress)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -498,7 +545,11 @@ def run_report(
     timings["setup"] = time.perf_counter() - t0
 
     ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        msg = f"--out {str(out)!r}: cannot create {str(ckpt_dir)!r}: {err.strerror or err}"
+        raise ConfigError(msg) from err
     t0 = time.perf_counter()
     parts = {"dataset": dataset, "kwargs": kwargs}
     members = [_train_member(parts, config, i, ckpt_dir, log) for i in range(config.num_models)]
@@ -513,9 +564,10 @@ def run_report(
         models=members, key=jax.random.key(config.seed), log=log,
     )
     sections: list[Section] = []
-    for name, fn in SECTIONS:
-        if name in OPTIONAL_SECTIONS and ctx.level(name) == "off":
-            continue
+    todo = [(name, fn) for name, fn in SECTIONS if not (name in OPTIONAL_SECTIONS and ctx.level(name) == "off")]
+    for number, (name, fn) in enumerate(todo, 1):
+        if show:
+            print(f"landscape: [{number}/{len(todo)}] section {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         sections.append(fn(ctx))
         timings[name] = time.perf_counter() - t0
@@ -535,10 +587,16 @@ def run_report(
         "sections": {s.id: s.results for s in sections},
         "timings": timings,
     }
-    _write_atomic(out / "results.json", json.dumps(results, indent=1, sort_keys=True, default=_json_default))
+    results = json_safe(results)  # NaN / inf -> null: results.json is strict JSON (allow_nan=False)
+    _write_atomic(out / "results.json", json.dumps(results, indent=1, sort_keys=True, default=_json_default,
+                                                   allow_nan=False))
     _write_atomic(out / "index.html", _page(config, sections, meta))
     log(f"wrote {out / 'index.html'} and {out / 'results.json'} in {timings['total']:.1f}s")
     return results
+
+
+def _stderr_is_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _json_default(obj: Any) -> Any:

@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from landscape._types import Array, Key, Params
 from landscape.tree import key_name, named_leaves
@@ -175,19 +176,48 @@ class PermutationSpec:
         return cls(data["axes"], data.get("state_axes", {}))
 
 
-def check_spec(spec: PermutationSpec, tree: Params, *, part: str = "params") -> None:
-    """Raise ``ValueError`` unless ``spec`` describes ``tree`` exactly.
+def check_spec(
+    spec: PermutationSpec,
+    tree: Params,
+    *,
+    part: str = "params",
+    apply_fn: Any = None,
+    x: Any = None,
+    state: Params | None = None,
+    key: Key | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+) -> None:
+    """Raise ``ValueError`` unless ``spec`` describes ``tree`` exactly (and, given ``apply_fn``, its function).
 
     Checks, naming the offending key path: every spec entry has a leaf; every leaf has a spec
     entry; each entry has one name per axis of its leaf; and all axes sharing a permutation name
     have the same size. Only static shapes are read, so this is free inside ``jax.jit``.
+
+    With ``apply_fn`` and a batch ``x`` it also checks the function (on the host, not jittable):
+    a random permutation ``π`` under the spec (no group left at the identity) must leave the
+    outputs unchanged, :math:`\\max|f(π θ) - f(θ)| \\le \\text{atol} + \\text{rtol} \\cdot
+    \\max|f(θ)|` — float32 reassociation stays far below ``rtol = 1e-4`` of the output scale, a wrong
+    spec (e.g. the two axes of a square kernel swapped) moves the outputs by O(1) of it. This
+    catches a spec that fits the shapes but not the model before any matching work.
 
     Args:
         spec: the permutation spec.
         tree: a params tree (``part="params"``, checked against ``spec.axes``) or a state tree
             (``part="state"``, checked against ``spec.state_axes``).
         part: ``"params"`` or ``"state"``.
+        apply_fn: ``apply_fn(params, x)`` (``apply_fn(params, state, x)`` when ``state`` is given;
+            a zoo ``FunctionalModel`` uses its own state by default), as in
+            :func:`landscape.align.trace_spec`. Only with ``part="params"``.
+        x: a batch of inputs for the functional check.
+        state: non-trainable state, permuted with ``spec.state_axes``.
+        key: PRNG key of the random permutation (default ``jax.random.key(0)``).
+        rtol: tolerance relative to the largest output magnitude.
+        atol: absolute tolerance.
     """
+    if apply_fn is not None:
+        _check_function(spec, tree, apply_fn=apply_fn, x=x, state=state, key=key, rtol=rtol, atol=atol, part=part)
+        return
     if not isinstance(spec, PermutationSpec):
         msg = f"spec must be a PermutationSpec, got {type(spec).__name__}"
         raise ValueError(msg)
@@ -234,8 +264,77 @@ def check_spec(spec: PermutationSpec, tree: Params, *, part: str = "params") -> 
             seen.setdefault(n, (shape[ax], path, ax))
 
 
+def _check_function(
+    spec: PermutationSpec,
+    params: Params,
+    *,
+    apply_fn: Any,
+    x: Any,
+    state: Params | None,
+    key: Key | None,
+    rtol: float,
+    atol: float,
+    part: str,
+) -> None:
+    """The functional half of :func:`check_spec`: permuted params must compute the same outputs."""
+    from landscape.align.trace import _call_parts
+
+    if part != "params":
+        msg = f"check_spec(apply_fn=...) checks params, got part={part!r}"
+        raise ValueError(msg)
+    if x is None:
+        msg = "check_spec(apply_fn=...) needs x=, a batch of inputs to compare the outputs on"
+        raise ValueError(msg)
+    if not (rtol >= 0 and atol >= 0):
+        msg = f"rtol and atol must be >= 0, got rtol={rtol!r}, atol={atol!r}"
+        raise ValueError(msg)
+    check_spec(spec, params)
+    fn, state = _call_parts(apply_fn, state)
+    state_tree = {} if state is None else state
+    if state is not None:
+        check_spec(spec, state_tree, part="state")
+    key = jax.random.key(0) if key is None else key
+    perm = random_permutation(key, spec, params)
+    perm = {
+        n: (jnp.roll(p, 1) if p.shape[0] > 1 and bool(jnp.all(p == jnp.arange(p.shape[0]))) else p)
+        for n, p in perm.items()
+    }
+    permuted = apply(spec, perm, params)
+    permuted_state = apply_state(spec, perm, state_tree) if state is not None else state_tree
+    name = getattr(apply_fn, "__qualname__", type(apply_fn).__name__)
+    try:
+        before = jax.tree.leaves(fn(params, state_tree, x))
+        after = jax.tree.leaves(fn(permuted, permuted_state, x))
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        msg = f"check_spec: apply_fn {name} fails on params and x of shape {jax.tree.map(jnp.shape, x)}: {err}"
+        raise ValueError(msg) from err
+    ref = [np.asarray(a, np.float64) for a in before]
+    new = [np.asarray(b, np.float64) for b in after]
+    if not all(np.all(np.isfinite(a)) for a in ref):
+        msg = f"check_spec: apply_fn {name} gives non-finite outputs on x; cannot check the spec"
+        raise ValueError(msg)
+    scale = max((float(np.max(np.abs(a))) for a in ref if a.size), default=0.0)
+    delta = max((float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(ref, new)), default=0.0)
+    tol = atol + rtol * scale
+    if not delta <= tol:
+        msg = (
+            f"spec does not describe apply_fn {name}: a random permutation under the spec changes "
+            f"the outputs by max |Δoutput| = {delta:.4g} (max |output| = {scale:.4g}, tolerance "
+            f"{tol:.3g} = atol {atol:g} + rtol {rtol:g} · max |output|); derive the spec with "
+            f"align.trace_spec(apply_fn, params, x)"
+        )
+        raise ValueError(msg)
+
+
 def check_permutation(perm: Permutation, *, names: tuple[str, ...] | None = None) -> None:
-    """Raise ``ValueError`` unless ``perm`` is a dict of 1-D integer arrays (with keys ``names``)."""
+    """Raise ``ValueError`` unless ``perm`` is a dict of 1-D integer arrays (with keys ``names``),
+    each a permutation of ``0 … n−1``.
+
+    Shapes and dtypes are always checked. The values (no duplicate, none out of range) are checked
+    when they are concrete; under ``jax.jit`` / ``jax.vmap`` they are tracers and that check is
+    skipped, so a traced index array that is not a permutation is the caller's responsibility
+    (``jnp.take`` would clip it silently).
+    """
     if not isinstance(perm, Mapping):
         msg = f"a permutation must be a dict name -> int array, got {type(perm).__name__}"
         raise ValueError(msg)
@@ -246,6 +345,18 @@ def check_permutation(perm: Permutation, *, names: tuple[str, ...] | None = None
                 f"dtype {jnp.result_type(p)}"
             )
             raise ValueError(msg)
+        if not isinstance(p, jax.core.Tracer):
+            arr = np.asarray(p)
+            size = arr.shape[0]
+            if not np.array_equal(np.sort(arr), np.arange(size)):
+                out = arr[(arr < 0) | (arr >= size)]
+                vals, counts = np.unique(arr, return_counts=True)
+                dup = vals[counts > 1]
+                msg = (
+                    f"permutation {n!r} is not a permutation of 0..{size - 1}: "
+                    f"out of range {out[:5].tolist()}, repeated {dup[:5].tolist()}"
+                )
+                raise ValueError(msg)
     if names is not None and set(perm) != set(names):
         missing = sorted(set(names) - set(perm))
         extra = sorted(set(perm) - set(names))

@@ -2,7 +2,9 @@
 
 A merge takes ``finetuned`` either as a Python ``list``/``tuple`` of params trees or as one params
 tree whose leaves carry a leading model axis (``landscape.tree.stack``). A params tree whose top level
-is itself a list must therefore be passed stacked (or as a list of such trees).
+is itself a list must therefore be passed stacked (or as a list of such trees). A stacked tree is
+accepted where it cannot be mistaken for one model: beside a ``base`` (its leaves have one more
+axis), or with an explicit ``stacked=True`` (``average``, ``swa``, ``greedy_soup``).
 """
 
 from __future__ import annotations
@@ -55,8 +57,17 @@ def check_range(
         raise ValueError(msg)
 
 
-def as_stacked(models: Any, *, what: str = "models", base: Params | None = None) -> tuple[Params, int]:
+def as_stacked(
+    models: Any, *, what: str = "models", base: Params | None = None, stacked: bool | None = None
+) -> tuple[Params, int]:
     """Return ``(stacked, m)``: the models stacked on a leading axis and their number.
+
+    A list/tuple is always a list of models. A single params tree is read as a stack only when
+    that is unambiguous: with ``base``, its leaves must be ``base``'s with a leading model axis (a
+    tree shaped like ``base`` itself is one model, and an error); without ``base``, the caller
+    must say so with ``stacked=True`` — ``stacked=False`` rejects it, since one model whose leaves
+    happen to share a leading size would otherwise be averaged over its first axis.
+    (``stacked=None`` keeps the old inference for the callers that have not adopted the keyword.)
 
     Raises ``ValueError`` for an empty list, mismatched trees (naming the first differing path) or
     a stacked tree whose leaves disagree on the model axis; with ``base``, checks every model
@@ -71,6 +82,20 @@ def as_stacked(models: Any, *, what: str = "models", base: Params | None = None)
         for i, t in enumerate(models[1:], start=1):
             tree.check_match(models[0], t, names=(f"{what}[0]", f"{what}[{i}]"))
         return jax.tree.map(lambda *xs: jnp.stack(xs), *models), len(models)
+    if base is None and stacked is False:
+        msg = (
+            f"{what} is one params tree, not a list: pass a list of models ([params] for one), or "
+            "stacked=True if its leaves carry a leading model axis (landscape.tree.stack)"
+        )
+        raise ValueError(msg)
+    if base is not None and [jnp.shape(x) for x in jax.tree.leaves(models)] == [
+        jnp.shape(x) for x in jax.tree.leaves(base)
+    ]:
+        msg = (
+            f"{what} is one params tree shaped like base, not a list or a stack: pass a list of "
+            "models ([params] for one) or landscape.tree.stack(models)"
+        )
+        raise ValueError(msg)
     leaves = tree.named_leaves(models)
     if not leaves:
         msg = f"{what} has no array leaves: pass a list of params trees or one stacked params tree"

@@ -1,7 +1,8 @@
 """Averaging merges: uniform and weighted averages, SWA, greedy soups, Model Stock and SLERP.
 
 All functions take models first and settings keyword-only; ``models`` is a list/tuple of matching
-params trees or one stacked tree (leading model axis). Arithmetic runs in float32 or wider and the
+params trees or one stacked tree (leading model axis) — the latter with ``stacked=True`` where no
+``base`` tells the two apart (``average``, ``swa``, ``greedy_soup``). Arithmetic runs in float32 or wider and the
 result keeps each leaf's dtype.
 
 Example:
@@ -53,7 +54,9 @@ def _weighted_sum(stacked: Params, coef: Array) -> Params:
     return jax.tree.map(leaf, stacked)
 
 
-def average(models: Sequence[Params] | Params, *, weights: Any = None, normalize: bool = True) -> Params:
+def average(
+    models: Sequence[Params] | Params, *, weights: Any = None, normalize: bool = True, stacked: bool = False
+) -> Params:
     r"""Uniform or weighted parameter average (FedSGD / uniform soup, FedAvg, mergekit ``linear``).
 
     .. math:: \theta = \frac{\sum_i w_i \theta_i}{\sum_i w_i} \quad (\text{normalize}), \qquad
@@ -64,9 +67,12 @@ def average(models: Sequence[Params] | Params, *, weights: Any = None, normalize
     model) are only meaningful without normalisation and are rejected when ``normalize=True``.
 
     Args:
-        models: list of matching params trees, or one stacked tree (leading model axis).
+        models: list of matching params trees, or one stacked tree (leading model axis) with
+            ``stacked=True``.
         weights: one weight per model (may be traced), default uniform.
         normalize: divide by ``sum(weights)``.
+        stacked: ``models`` is one tree stacked on a leading model axis. Without it a single
+            params tree is an error: one model whose leaves share a leading size is not a stack.
 
     Returns:
         The merged params, each leaf in its original dtype.
@@ -76,7 +82,7 @@ def average(models: Sequence[Params] | Params, *, weights: Any = None, normalize
         >>> average([{"w": jnp.ones(1)}, {"w": 3 * jnp.ones(1)}])["w"].tolist()
         [2.0]
     """
-    stacked, m = as_stacked(models)
+    stacked_models, m = as_stacked(models, stacked=stacked)
     w = check_weights(weights, m)
     if w is None:
         w = jnp.ones((m,), jnp.float32)
@@ -92,7 +98,7 @@ def average(models: Sequence[Params] | Params, *, weights: Any = None, normalize
                 msg = "weights sum to 0: cannot normalise"
                 raise ValueError(msg)
         w = w / jnp.sum(w)
-    return _weighted_sum(stacked, w)
+    return _weighted_sum(stacked_models, w)
 
 
 def swa_update(average_params: Params, params: Params, count: Array | int) -> Params:
@@ -110,7 +116,7 @@ def swa_update(average_params: Params, params: Params, count: Array | int) -> Pa
     return jax.tree.map(leaf, average_params, params)
 
 
-def swa(trajectory: Sequence[Params] | Params) -> Params:
+def swa(trajectory: Sequence[Params] | Params, *, stacked: bool = False) -> Params:
     r"""Stochastic Weight Averaging (Izmailov et al., arXiv 1803.05407) of a trajectory.
 
     The equal-weight average of the checkpoints, computed as the running average of
@@ -119,14 +125,15 @@ def swa(trajectory: Sequence[Params] | Params) -> Params:
     trajectory beforehand.
 
     Args:
-        trajectory: list of params or a stacked tree with a leading step axis.
+        trajectory: list of params, or a tree with a leading step axis and ``stacked=True``.
+        stacked: ``trajectory`` is one stacked tree (a single params tree is an error otherwise).
 
     Returns:
         The averaged params.
     """
-    stacked, _ = as_stacked(trajectory, what="trajectory")
-    first = jax.tree.map(lambda x: x[0], stacked)
-    rest = jax.tree.map(lambda x: x[1:], stacked)
+    steps, _ = as_stacked(trajectory, what="trajectory", stacked=stacked)
+    first = jax.tree.map(lambda x: x[0], steps)
+    rest = jax.tree.map(lambda x: x[1:], steps)
 
     def body(carry: tuple[Params, Array], p: Params) -> tuple[tuple[Params, Array], None]:
         avg, k = carry
@@ -198,6 +205,7 @@ def greedy_soup(
     objective: Objective | None,
     *,
     order: str = "by_accuracy",
+    stacked: bool = False,
 ) -> GreedySoupResult:
     """Greedy model soup (Wortsman et al., arXiv 2203.05482, Recipe 1).
 
@@ -207,9 +215,10 @@ def greedy_soup(
     current soup's (``>=``, as in the paper's code).
 
     Args:
-        models: list of matching params trees or one stacked tree.
+        models: list of matching params trees, or one stacked tree with ``stacked=True``.
         objective: the held-out data (:class:`~landscape.Objective`) that decides.
         order: ``"by_accuracy"`` or ``"given"``.
+        stacked: ``models`` is one tree stacked on a leading model axis.
 
     Returns:
         :class:`GreedySoupResult` with the soup and the decisions.
@@ -221,8 +230,8 @@ def greedy_soup(
             f"{type(objective).__name__}"
         )
         raise ValueError(msg)
-    stacked, m = as_stacked(models)
-    members_params = tree.unstack(stacked)
+    stacked_models, m = as_stacked(models, stacked=stacked)
+    members_params = tree.unstack(stacked_models)
     acc_fn = jax.jit(lambda obj, p: obj.evaluate(p)["accuracy"])
     accs = [float(acc_fn(objective, p)) for p in members_params]
     idx = sorted(range(m), key=lambda i: -accs[i]) if order == "by_accuracy" else list(range(m))
@@ -347,9 +356,7 @@ def slerp(
         dot_threshold: colinearity threshold for the lerp fallback.
     """
     tree.check_match(a, b, names=("a", "b"))
-    if is_concrete(t) and jnp.ndim(t) != 0:
-        msg = f"t must be a scalar (vmap for a sweep), got shape {jnp.shape(t)}"
-        raise ValueError(msg)
+    tree.check_scalar("t", t)
 
     def leaf(x0: Array, x1: Array) -> Array:
         dt = acc_dtype(x0)

@@ -15,7 +15,9 @@ Python float or a traced float32.
 
 **Tie rule.** Entries are ranked by :math:`|x|` in descending order with a stable sort: equal
 magnitudes are ranked by their flat (row-major) index, lower index first. Exact zeros therefore
-rank last and are selected only when a group has fewer non-zero entries than the count.
+rank last and are selected only when a group has fewer non-zero entries than the count; NaN and
+±inf rank as the largest magnitudes (``+inf``), so a top-k mask keeps them and the merges that use
+these masks propagate them as NaN (``landscape.merge.task_vectors.propagate_nonfinite``).
 
 Example:
     >>> import jax.numpy as jnp
@@ -74,11 +76,17 @@ def _rank_desc(a: Array) -> Array:
     return jnp.argsort(order, axis=-1)
 
 
+def _magnitude(x: Array) -> Array:
+    """``|x|`` in float32 with NaN and ±inf ranked as ``+inf`` (the largest magnitude)."""
+    a = jnp.abs(x).astype(jnp.float32)
+    return jnp.where(jnp.isfinite(a), a, jnp.inf)
+
+
 def _map_groups(fn: Any, params: Params, scope: str) -> Params:
     """Apply ``fn(groups (G, L)) -> (G, L)`` to every leaf, or once to the whole tree (global)."""
     leaves, treedef = jax.tree.flatten(params)
     if scope == "global":
-        flat = jnp.concatenate([jnp.abs(x).astype(jnp.float32).ravel() for x in leaves])
+        flat = jnp.concatenate([_magnitude(x).ravel() for x in leaves])
         out = fn(flat[None])[0]
         parts, start = [], 0
         for x in leaves:
@@ -86,7 +94,7 @@ def _map_groups(fn: Any, params: Params, scope: str) -> Params:
             start += x.size
         return jax.tree.unflatten(treedef, parts)
     outs = [
-        fn(_groups(jnp.abs(x).astype(jnp.float32), scope)).reshape(jnp.shape(x)) for x in leaves
+        fn(_groups(_magnitude(x), scope)).reshape(jnp.shape(x)) for x in leaves
     ]
     return jax.tree.unflatten(treedef, outs)
 
@@ -176,7 +184,7 @@ def della_probabilities(
     check_della(density, epsilon)
 
     def leaf(x: Array) -> Array:
-        g = _groups(jnp.abs(x).astype(jnp.float32), "row")
+        g = _groups(_magnitude(x), "row")
         n = g.shape[-1]
         r = jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1).astype(jnp.float32)
         rn = r / (n - 1) if n > 1 else jnp.full_like(r, 0.5)

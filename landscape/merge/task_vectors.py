@@ -8,7 +8,10 @@ sign per entry, combines them and adds the result to the base:
 
 ``finetuned`` is a list/tuple of params trees or one stacked tree (leading model axis). ``lam``,
 ``weights``, ``density``, ``drop`` may be traced (a sweep is one ``jax.vmap``); strings are fixed at
-call time. Arithmetic runs in float32 or wider; the result has the base's dtypes.
+call time. Arithmetic runs in float32 or wider; the result has the base's dtypes. ``lam`` must
+be a scalar (a shaped λ is a ``ValueError``: it would scale each column). An entry that is NaN or
+infinite in any model's task vector is NaN in the merge, whatever trimming, dropping or sign
+election would have done with it (:func:`propagate_nonfinite`, ``docs/numerics.md``).
 
 **Sign election and combination** (shared by ``ties``, and by ``dare``/``breadcrumbs``/``della``
 with ``combine="ties"``), following mergekit's generalised task arithmetic:
@@ -58,6 +61,7 @@ __all__ = [
     "combine_task_vectors",
     "dare",
     "della",
+    "propagate_nonfinite",
     "task_arithmetic",
     "task_vector",
     "stacked_task_vectors",
@@ -120,7 +124,23 @@ def combine_task_vectors(
     """
     check_choice("elect", elect, _ELECT)
     check_choice("merge", merge, _MERGE)
+    return propagate_nonfinite(_combine_finite(tv, weights=weights, elect=elect, merge=merge), tv)
 
+
+def propagate_nonfinite(merged: Params, tv: Params) -> Params:
+    """``merged`` with NaN at every entry where any model's task vector in ``tv`` (stacked, leading
+    model axis) is NaN or infinite.
+
+    Trimming, random drops and sign election would otherwise erase a non-finite entry of one model
+    and return a plausible number (``docs/numerics.md``); every task-vector merge passes the task
+    vectors it *received* (before sparsification) through here.
+    """
+    return jax.tree.map(
+        lambda d, t: jnp.where(jnp.all(jnp.isfinite(t), axis=0), d, jnp.asarray(jnp.nan, d.dtype)), merged, tv
+    )
+
+
+def _combine_finite(tv: Params, *, weights: Array, elect: str, merge: str) -> Params:
     def leaf(t: Array) -> Array:
         w = bcast(weights.astype(t.dtype), t)
         v = w * t
@@ -149,6 +169,8 @@ def combine_task_vectors(
 
 
 def _finish(base: Params, merged: Params, lam: Array | float) -> Params:
+    """``base + lam * merged``; ``lam`` must be a scalar (a shaped λ would scale columns)."""
+    tree.check_scalar("lam", lam)
     return jax.tree.map(
         lambda b, d: (b.astype(d.dtype) + lam * d).astype(b.dtype), base, merged
     )
@@ -176,7 +198,7 @@ def task_arithmetic(
     tv, m = stacked_task_vectors(finetuned, base=base)
     w = _weights(weights, m)
     merged = jax.tree.map(lambda t: jnp.sum(bcast(w.astype(t.dtype), t) * t, axis=0), tv)
-    return _finish(base, merged, lam)
+    return _finish(base, propagate_nonfinite(merged, tv), lam)
 
 
 def ties(
@@ -214,7 +236,7 @@ def ties(
     masks = jax.vmap(lambda t: sparsify.topk_mask(t, density=density, scope=scope))(tv)
     trimmed = jax.tree.map(lambda t, k: jnp.where(k, t, 0.0), tv, masks)
     merged = combine_task_vectors(trimmed, weights=w, elect=elect, merge=merge)
-    return _finish(base, merged, lam)
+    return _finish(base, propagate_nonfinite(merged, tv), lam)
 
 
 def _rescale_l1(t: Array, kept: Array) -> Array:
@@ -240,13 +262,14 @@ def _stacked_mask(mask: Any, tv: Params, m: int) -> Params:
 
 
 def _combine(
-    tv: Params, base: Params, w: Array, lam: Any, combine: str, elect: str, merge: str
+    tv: Params, base: Params, w: Array, lam: Any, combine: str, elect: str, merge: str, *, received: Params
 ) -> Params:
+    """Combine the sparsified ``tv``; entries non-finite in the ``received`` task vectors stay NaN."""
     if combine == "task_arithmetic":
         merged = combine_task_vectors(tv, weights=w, elect="none", merge="sum")
     else:
         merged = combine_task_vectors(tv, weights=w, elect=elect, merge=merge)
-    return _finish(base, merged, lam)
+    return _finish(base, propagate_nonfinite(merged, received), lam)
 
 
 def dare(
@@ -317,8 +340,8 @@ def dare(
         n = jnp.sum(k, axis=axes, keepdims=True)
         return jnp.where(n > 0, kept * (t[0].size / jnp.maximum(n, 1)), kept)
 
-    tv = jax.tree.map(leaf, tv, keep)
-    return _combine(tv, base, w, lam, combine, elect, merge)
+    kept = jax.tree.map(leaf, tv, keep)
+    return _combine(kept, base, w, lam, combine, elect, merge, received=tv)
 
 
 def breadcrumbs(
@@ -352,8 +375,8 @@ def breadcrumbs(
     masks = jax.vmap(
         lambda t: sparsify.breadcrumbs_mask(t, density=density, gamma=gamma, scope=scope)
     )(tv)
-    tv = jax.tree.map(lambda t, k: jnp.where(k, t, 0.0), tv, masks)
-    return _combine(tv, base, w, lam, combine, elect, merge)
+    kept = jax.tree.map(lambda t, k: jnp.where(k, t, 0.0), tv, masks)
+    return _combine(kept, base, w, lam, combine, elect, merge, received=tv)
 
 
 def della(
@@ -400,5 +423,5 @@ def della(
             return _rescale_l1(t, kept)
         return kept
 
-    tv = jax.tree.map(leaf, tv, keep, probs)
-    return _combine(tv, base, w, lam, combine, elect, merge)
+    kept = jax.tree.map(leaf, tv, keep, probs)
+    return _combine(kept, base, w, lam, combine, elect, merge, received=tv)

@@ -72,14 +72,32 @@ def _digest(tree: Params) -> str | None:
     return h.hexdigest()
 
 
+def _key_impl(value: Any) -> str | None:
+    """The PRNG implementation name of a typed key array (``nnx.RngKey``), ``None`` for other values."""
+    if jnp.issubdtype(jnp.result_type(value), jax.dtypes.prng_key):
+        return str(jax.random.key_impl(value))
+    return None
+
+
+def _to_pure(value: Any) -> Any:
+    """A variable's value as a plain array: typed PRNG keys become their ``uint32`` key data."""
+    return jax.random.key_data(value) if _key_impl(value) is not None else value
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Layout:
-    """Where each leaf of a pure dict goes in the NNX state: paths, variable types and shapes."""
+    """Where each leaf of a pure dict goes in the NNX state: paths, variable types and shapes.
+
+    Typed PRNG keys (the ``nnx.RngKey`` of an ``nnx.Rngs`` held by ``Dropout``) appear in the pure
+    dict as their ``uint32`` key data (``jax.random.key_data``), so state stays a tree of plain
+    arrays (savable, hashable); ``key_impls`` says which leaves are wrapped back into keys.
+    """
 
     nnx_paths: tuple[_Path, ...]
     names: tuple[str, ...]
     types: tuple[type, ...]
     shapes: tuple[tuple[int, ...], ...]
+    key_impls: tuple[str | None, ...] = ()
 
     @staticmethod
     def of(state: nnx.State) -> _Layout:
@@ -89,15 +107,16 @@ class _Layout:
             nnx_paths=paths,
             names=tuple("/".join(str(k) for k in p) for p in paths),
             types=tuple(type(v) for _, v in flat),
-            shapes=tuple(tuple(jnp.shape(v.get_value())) for _, v in flat),
+            shapes=tuple(tuple(jnp.shape(_to_pure(v.get_value()))) for _, v in flat),
+            key_impls=tuple(_key_impl(v.get_value()) for _, v in flat),
         )
 
     def key(self) -> tuple[Any, ...]:
-        return (self.nnx_paths, self.types, self.shapes)
+        return (self.nnx_paths, self.types, self.shapes, self.key_impls)
 
     def pure(self, state: nnx.State) -> dict[str, Any]:
         return _to_nested(
-            {tuple(str(k) for k in p): v.get_value() for p, v in _flat(state)}
+            {tuple(str(k) for k in p): _to_pure(v.get_value()) for p, v in _flat(state)}
         )
 
     def to_state(self, tree: Params, what: str) -> nnx.State:
@@ -111,11 +130,16 @@ class _Layout:
             )
             raise ValueError(msg)
         flat = {}
-        for path, name, typ, shape in zip(self.nnx_paths, self.names, self.types, self.shapes):
+        impls = self.key_impls or (None,) * len(self.names)
+        for path, name, typ, shape, impl in zip(self.nnx_paths, self.names, self.types, self.shapes, impls):
             leaf = leaves[name]
+            if impl is not None and _key_impl(leaf) is not None:
+                leaf = jax.random.key_data(leaf)
             if tuple(jnp.shape(leaf)) != shape:
                 msg = f"{what} leaf {name!r} has shape {tuple(jnp.shape(leaf))}, the model needs {shape}"
                 raise ValueError(msg)
+            if impl is not None:
+                leaf = jax.random.wrap_key_data(jnp.asarray(leaf, jnp.uint32), impl=impl)
             flat[path] = typ(leaf)
         return nnx.from_flat_state(flat)
 
@@ -271,7 +295,10 @@ def functional(model: nnx.Module) -> tuple[FunctionalModel, dict[str, Any], dict
     Returns:
         ``apply_fn``: a :class:`FunctionalModel`; ``params``: the ``nnx.Param`` variables as a
         nested dict of arrays with string keys; ``state``: all other variables the same way
-        (``{}`` when none). The module itself is not modified.
+        (``{}`` when none). The module itself is not modified. An ``nnx.Rngs`` held by the module
+        (``nnx.Dropout(rate, rngs=...)``) is part of ``state``: its key as ``uint32`` key data and
+        its counter, which :meth:`FunctionalModel.apply_train` advances (a fresh dropout mask per
+        step); eval-mode calls are deterministic (dropout off) and leave it unchanged.
     """
     if not isinstance(model, nnx.Module):
         msg = f"functional needs an nnx.Module, got {type(model).__name__}"

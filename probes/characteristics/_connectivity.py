@@ -36,17 +36,16 @@ from landscape import align, tree
 from landscape._types import Key, Params
 from landscape.objective import Objective
 from probes.curves import PathResult, evaluate_path, fit_curve, interpolate
+from probes.numerics import json_safe, spread
 
 __all__ = ["CONNECTIVITY_METHODS", "ConnectivityResult", "ConnectivitySample", "connectivity", "connectivity_vs_width"]
 
 CONNECTIVITY_METHODS = ("naive", "weight_matching", "activation_matching", "repair", "bezier", "bezier_aligned")
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return {"mean": None, "std": None, "samples": []}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "samples": v.tolist()}
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    """Spread over pairs (:func:`probes.numerics.spread`: finite samples, ``ddof=1``, counts)."""
+    return spread(values).to_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +60,7 @@ class ConnectivitySample:
         seconds: wall time of each step.
         aligned: B permuted by weight matching (``None`` when no method needed it).
         curves: the fitted curves by method name (``"bezier"``, ``"bezier_aligned"``).
+        aligned_state: B's running statistics permuted like ``aligned`` (``None`` without them).
     """
 
     paths: dict[str, dict[str, PathResult]]
@@ -70,19 +70,20 @@ class ConnectivitySample:
     seconds: dict[str, float]
     aligned: Params | None = None
     curves: dict[str, Any] = dataclasses.field(default_factory=dict)
+    aligned_state: Params | None = None
 
     def barrier(self, method: str, split: str = "train", metric: str = "loss") -> float:
         b = self.paths[method][split].barrier
         return b.loss if metric == "loss" else b.error
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return json_safe({
             "paths": {m: {s: r.to_dict() for s, r in d.items()} for m, d in self.paths.items()},
             "wm_objective": self.wm_objective,
             "wm_sweeps": self.wm_sweeps,
             "singular": self.singular,
             "seconds": self.seconds,
-        }
+        })
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,8 @@ class ConnectivityResult:
 
     samples: tuple[ConnectivitySample, ...]
     label: str = ""
+    stats: str = "none"
+    """BatchNorm statistics of the paths' points (:mod:`probes.batchnorm`): reset, given or none."""
 
     @property
     def methods(self) -> list[str]:
@@ -116,8 +119,9 @@ class ConnectivityResult:
 
     def to_dict(self) -> dict[str, Any]:
         sing = [s.singular for s in self.samples if s.singular]
-        return {
+        return json_safe({
             "label": self.label,
+            "stats": self.stats,
             "num_pairs": len(self.samples),
             "table": self.table(),
             "wm_objective": _stats([s.wm_objective["matched"] for s in self.samples]),
@@ -125,7 +129,7 @@ class ConnectivityResult:
             "singular_mean_after": _stats([s["mean_after"] for s in sing]),
             "seconds": {k: _stats([s.seconds[k] for s in self.samples]) for k in self.samples[0].seconds},
             "samples": [s.to_dict() for s in self.samples],
-        }
+        })
 
     def plot(self, *, split: str = "train", title: str | None = None) -> Any:
         """Loss and error along every method's path (first pair), on ``split``."""
@@ -135,8 +139,32 @@ class ConnectivityResult:
         return path_figure([(m, first[m][split]) for m in self.methods], title=title or f"connectivity ({split})")
 
 
-def _evaluate(objectives: dict[str, Objective], path: Any, ts: jax.Array) -> dict[str, PathResult]:
-    return {s: evaluate_path(o, path, ts, chunk=5) for s, o in objectives.items()}
+def _evaluate(objectives: dict[str, Objective], path: Any, ts: jax.Array, **bn: Any) -> dict[str, PathResult]:
+    return {s: evaluate_path(o, path, ts, chunk=5, **bn) for s, o in objectives.items()}
+
+
+def _evaluate_points(objective: Objective, stacked: Params, ts: jax.Array, mode: str, bn: dict[str, Any]) -> PathResult:
+    """Evaluate stacked points of a path (e.g. REPAIRed ones): the ends with their own statistics and
+    RESET between them (``mode="reset"``), or the objective's statistics everywhere."""
+    if mode != "reset":
+        ev = jax.lax.map(objective.evaluate, stacked)
+        return PathResult(ts=ts, loss=ev["loss"], accuracy=ev["accuracy"], stats=mode, end_stats=mode)
+    from probes import batchnorm as bnorm
+
+    t_np = np.asarray(ts)
+    loss, acc = np.full(t_np.size, np.nan, np.float32), np.full(t_np.size, np.nan, np.float32)
+    inner = np.flatnonzero((t_np != 0.0) & (t_np != 1.0))
+    if inner.size:
+        pts = jax.tree.map(lambda v: v[inner], stacked)
+        keep = bnorm.momentum(objective, jax.tree.map(lambda v: v[0], pts))
+        out = bnorm.evaluate_stacked_reset(objective, pts, x=bn["reset_x"], keep=keep, chunk=5)
+        loss[inner], acc[inner] = out["loss"], out["accuracy"]
+    for i, state in ((0, bn["end_states"][0]), (t_np.size - 1, bn["end_states"][1])):
+        if t_np[i] in (0.0, 1.0):
+            state = objective.apply_fn.state if state is None else state
+            out = bnorm.evaluate_at(objective, jax.tree.map(lambda v, i=i: v[i], stacked), state)
+            loss[i], acc[i] = float(out["loss"]), float(out["accuracy"])
+    return PathResult(ts=ts, loss=jnp.asarray(loss), accuracy=jnp.asarray(acc), stats="reset", end_stats="own")
 
 
 def connectivity(
@@ -153,6 +181,8 @@ def connectivity(
     curve_learning_rate: float = 1e-3,
     singular_k: int = 10,
     label: str = "",
+    stats: str | None = None,
+    states: Sequence[tuple[Params, Params]] | None = None,
 ) -> ConnectivityResult:
     """Barriers between independently trained pairs, naive and after alignment, REPAIR and curves.
 
@@ -169,6 +199,14 @@ def connectivity(
         curve_steps, curve_learning_rate: Bezier fitting settings.
         singular_k: top singular directions compared (0 skips the singular alignment).
         label: a name for the setting (e.g. the width).
+        stats: BatchNorm running statistics (:mod:`probes.batchnorm`): ``"reset"`` (the default
+            for a model with them) evaluates every point between the ends of every path and curve,
+            on every split, with statistics recomputed there on the training inputs (RESET,
+            Jordan et al. 2022), and the ends with their own (``states``; an aligned B's are
+            permuted with :func:`landscape.align.apply_state`); ``"given"`` uses the objective's
+            statistics everywhere.
+        states: ``[(state_a, state_b), ...]``, each pair's own running statistics (needed under
+            ``stats="reset"``).
 
     Returns:
         :class:`ConnectivityResult` with every path, means and spreads over the pairs.
@@ -191,29 +229,51 @@ def connectivity(
         if spec is not None:
             align.check_spec(spec, a)
     objectives = {"train": objective, **(eval_objectives or {})}
+    from probes.batchnorm import resolve_stats
+
+    mode = resolve_stats(objective, stats)
+    for o in objectives.values():
+        resolve_stats(o, mode if mode != "none" else None)
+    if mode == "reset" and (states is None or len(states) != len(pairs)):
+        got = "none" if states is None else f"{len(states)}"
+        msg = (
+            "connectivity with stats='reset' evaluates every path's ends with their own BatchNorm running "
+            f"statistics: pass states=[(state_a, state_b), ...], one pair per model pair ({len(pairs)}; got "
+            f"{got}), or stats='given'"
+        )
+        raise ValueError(msg)
     ts = jnp.linspace(0.0, 1.0, num)
     samples = []
     for i, (a, b) in enumerate(pairs):
         k_wm, k_curve, k_curve2 = jax.random.split(jax.random.fold_in(key, i), 3)
+        s_a, s_b = states[i] if mode == "reset" else (None, None)
+
+        def bn_for(state_b: Params | None) -> dict[str, Any]:
+            if mode != "reset":
+                return {"stats": mode if mode != "none" else None}
+            return {"stats": "reset", "end_states": (s_a, state_b), "reset_x": objective.x}
+
         paths: dict[str, dict[str, PathResult]] = {}
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
-        paths["naive"] = {s: interpolate(o, a, b, num=num) for s, o in objectives.items()}
+        paths["naive"] = {s: interpolate(o, a, b, num=num, **bn_for(s_b)) for s, o in objectives.items()}
         seconds["naive"] = time.perf_counter() - t0
         wm_obj: dict[str, float] = {}
         sweeps = 0
-        b_wm = None
+        b_wm = s_wm = None
         singular = None
         if needs_spec:
             t0 = time.perf_counter()
             perm, info = align.weight_matching(k_wm, spec, a, b)
             b_wm = align.apply(spec, perm, b)
+            s_wm = align.apply_state(spec, perm, s_b) if mode == "reset" else None
             seconds["weight_matching_solve"] = time.perf_counter() - t0
             wm_obj = {"matched": float(tree.vdot(a, b_wm)), "identity": float(tree.vdot(a, b))}
             sweeps = int(getattr(info, "iterations", 0))
             if "weight_matching" in methods:
                 t0 = time.perf_counter()
-                paths["weight_matching"] = {s: interpolate(o, a, b_wm, num=num) for s, o in objectives.items()}
+                paths["weight_matching"] = {s: interpolate(o, a, b_wm, num=num, **bn_for(s_wm))
+                                            for s, o in objectives.items()}
                 seconds["weight_matching"] = time.perf_counter() - t0
             if singular_k:
                 from probes.singular import singular_alignment
@@ -225,7 +285,9 @@ def connectivity(
             t0 = time.perf_counter()
             perm_am, _ = align.activation_matching(spec, a, b, objective, apply_fn=apply_fn)
             b_am = align.apply(spec, perm_am, b)
-            paths["activation_matching"] = {s: interpolate(o, a, b_am, num=num) for s, o in objectives.items()}
+            s_am = align.apply_state(spec, perm_am, s_b) if mode == "reset" else None
+            paths["activation_matching"] = {s: interpolate(o, a, b_am, num=num, **bn_for(s_am))
+                                            for s, o in objectives.items()}
             seconds["activation_matching"] = time.perf_counter() - t0
         if "repair" in methods:
             t0 = time.perf_counter()
@@ -234,22 +296,21 @@ def connectivity(
                 for t in np.asarray(ts)
             ]
             stacked = tree.stack(repaired)
-            paths["repair"] = {}
-            for s, o in objectives.items():
-                ev = jax.lax.map(o.evaluate, stacked)
-                paths["repair"][s] = PathResult(ts=ts, loss=ev["loss"], accuracy=ev["accuracy"])
+            paths["repair"] = {s: _evaluate_points(o, stacked, ts, mode, bn_for(s_wm)) for s, o in objectives.items()}
             seconds["repair"] = time.perf_counter() - t0
         curves = {}
-        for name, other, k in (("bezier", b, k_curve), ("bezier_aligned", b_wm, k_curve2)):
+        for name, other, k, s_other in (("bezier", b, k_curve, s_b), ("bezier_aligned", b_wm, k_curve2, s_wm)):
             if name in methods:
                 t0 = time.perf_counter()
+                bn = bn_for(s_other)
                 fit = fit_curve(k, objective, a, other, kind="bezier", steps=curve_steps,
-                                learning_rate=curve_learning_rate, num_eval=num)
-                paths[name] = _evaluate(objectives, fit.path, ts)
+                                learning_rate=curve_learning_rate, num_eval=num, stats=bn["stats"],
+                                end_states=bn.get("end_states"))
+                paths[name] = _evaluate(objectives, fit.path, ts, **bn)
                 curves[name] = fit
                 seconds[name] = time.perf_counter() - t0
-        samples.append(ConnectivitySample(paths, wm_obj, sweeps, singular, seconds, b_wm, curves))
-    return ConnectivityResult(tuple(samples), label)
+        samples.append(ConnectivitySample(paths, wm_obj, sweeps, singular, seconds, b_wm, curves, s_wm))
+    return ConnectivityResult(tuple(samples), label, stats=mode)
 
 
 def connectivity_vs_width(

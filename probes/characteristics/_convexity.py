@@ -43,6 +43,7 @@ from probes import basin as basin_lib
 from probes.characteristics._mixtures import evaluate_mixtures
 from probes.curves import PathResult
 from probes.ensemble import ensemble
+from probes.numerics import json_safe, spread
 
 __all__ = [
     "CONVEXITY_METRICS",
@@ -81,10 +82,14 @@ CONVEXITY_METRICS = (
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
-    vals = [v for v in values if v is not None and np.isfinite(v)]
-    if not vals:
-        return {"mean": None, "std": None, "samples": [None if v is None else float(v) for v in values]}
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "samples": [float(v) for v in vals]}
+    """Spread over seeds (:func:`probes.numerics.spread`: finite samples, ``ddof=1``, counts)."""
+    return spread(values).to_dict()
+
+
+def _within(values: np.ndarray) -> tuple[float, float]:
+    """Mean and ``ddof=1`` std inside one basin; NaN when any value is non-finite (propagated)."""
+    sp = spread(values)
+    return (sp.mean, sp.std) if sp.finite else (float("nan"), float("nan"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +119,17 @@ class ConvexitySample:
 
     @property
     def chord_convex(self) -> np.ndarray:
-        """``(C,)`` whether each chord passes: midpoint ≤ mean endpoint loss + tol."""
+        """``(C,)`` whether each chord passes: midpoint ≤ mean endpoint loss + tol (False also for a
+        chord with a non-finite loss; :attr:`chord_finite` tells them apart)."""
         return self.chord_mid_loss <= self.chord_end_loss.mean(axis=1) + self.tol
 
+    @property
+    def chord_finite(self) -> np.ndarray:
+        """``(C,)`` whether the chord's endpoint and midpoint losses are all finite."""
+        return np.isfinite(self.chord_mid_loss) & np.all(np.isfinite(self.chord_end_loss), axis=1)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return json_safe({
             "metrics": dict(self.metrics),
             "tol": self.tol,
             "chord_pairs": self.chord_pairs.tolist(),
@@ -127,7 +138,7 @@ class ConvexitySample:
             "barrier_pairs": self.barrier_pairs.tolist(),
             "barrier_loss": self.barrier_loss.tolist(),
             "barrier_error": self.barrier_error.tolist(),
-        }
+        })
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,23 +158,24 @@ class ConvexityResult:
 
     @property
     def summary(self) -> dict[str, dict[str, Any]]:
-        """``metric -> {"mean", "std", "samples"}`` over seeds."""
+        """``metric -> {"mean", "std", "n", "n_nonfinite", "samples"}`` over seeds
+        (:func:`probes.numerics.spread`)."""
         return {m: _stats([s.metrics.get(m) for s in self.samples]) for m in CONVEXITY_METRICS}
 
     @property
     def chord_fraction(self) -> float:
-        """Fraction of chords passing the midpoint test, averaged over seeds."""
+        """Fraction of chords passing the midpoint test, averaged over seeds (NaN if a seed's is)."""
         return float(np.mean([s.metrics["chord_fraction"] for s in self.samples]))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: the settings, the summary over seeds and every seed's raw measurements."""
-        return {
+        return json_safe({
             "settings": dict(self.settings),
             "num_seeds": self.num_seeds,
             "chord_fraction": self.chord_fraction,
             "summary": self.summary,
             "samples": [s.to_dict() for s in self.samples],
-        }
+        })
 
     def plot(self) -> Any:
         """Plotly figure: chords (midpoint vs mean endpoint loss), pair barriers, accuracy of members,
@@ -257,6 +269,7 @@ def _measure(
     key: Key, objective: Objective, eval_objective: Objective, members: list[Params], avg: Params | None,
     center: Params, *, num_chords: int, tol: float, endpoints: str, num_points: int, max_pairs: int,
     curvature: bool, lanczos_steps: int, slq_steps: int, negative_tol: float, chunk: int,
+    mode: str = "none", member_states: list[Params] | None = None,
 ) -> ConvexitySample:
     k_chord, k_pairs, k_eig, k_slq = jax.random.split(key, 4)
     m = len(members)
@@ -272,10 +285,15 @@ def _measure(
     eye = np.eye(m)
     path_w = np.concatenate([np.outer(1 - ts, eye[i]) + np.outer(ts, eye[j]) for i, j in all_pairs])
     weights = np.concatenate([wa, wb, 0.5 * (wa + wb), path_w])
-    loss, acc = evaluate_mixtures(objective, stacked, weights, chunk=chunk)
+    if mode == "reset":
+        loss, acc = _mixtures_reset(objective, stacked, weights, member_states, chunk=chunk)
+    else:
+        loss, acc = evaluate_mixtures(objective, stacked, weights, chunk=chunk)
     end_loss = np.stack([loss[:c], loss[c:2 * c]], axis=1)
     mid_loss = loss[2 * c:3 * c]
-    convex = mid_loss <= end_loss.mean(axis=1) + tol
+    # a chord with a non-finite loss neither passes nor fails: it makes the fraction NaN
+    chord_ok = np.isfinite(mid_loss) & np.all(np.isfinite(end_loss), axis=1)
+    convex = np.where(chord_ok, mid_loss <= end_loss.mean(axis=1) + tol, np.nan)
     pl, pa = loss[3 * c:].reshape(len(all_pairs), num_points), acc[3 * c:].reshape(len(all_pairs), num_points)
     paths = [PathResult(ts=ts, loss=pl[p], accuracy=pa[p]) for p in range(len(all_pairs))]
     bl = np.array([p.barrier.loss for p in paths])
@@ -284,9 +302,22 @@ def _measure(
     ens = ensemble(eval_objective, stacked)
     member_acc = float(jnp.mean(ens.member_accuracy))
     avg = basin_lib.average(members) if avg is None else avg
-    member_eval = [_eval(eval_objective, p) for p in members]
+    if mode == "reset":  # members with their own statistics (RESET without them), the average with RESET
+        from probes import batchnorm as bn
+
+        x, bs = bn.reset_inputs(eval_objective, objective.x)
+        keep = bn.momentum(eval_objective, avg)
+        if member_states is not None:
+            member_eval = [bn.evaluate_at(eval_objective, p, st) for p, st in zip(members, member_states)]
+        else:
+            out = bn.evaluate_stacked_reset(eval_objective, stacked, x=x, keep=keep, chunk=chunk, batch_size=bs)
+            member_eval = [{k: v[i] for k, v in out.items()} for i in range(m)]
+        avg_eval = {k: v[0] for k, v in bn.evaluate_stacked_reset(
+            eval_objective, tree.stack([avg]), x=x, keep=keep, chunk=1, batch_size=bs).items()}
+    else:
+        member_eval = [_eval(eval_objective, p) for p in members]
+        avg_eval = _eval(eval_objective, avg)
     member_loss = float(np.mean([float(e["loss"]) for e in member_eval]))
-    avg_eval = _eval(eval_objective, avg)
     flat = jnp.stack([tree.ravel(p)[0] for p in members])
     iu = np.triu_indices(m, k=1)
     dist = jnp.linalg.norm(flat[iu[0]] - flat[iu[1]], axis=1)
@@ -305,10 +336,10 @@ def _measure(
 
     metrics: dict[str, float | None] = {
         "chord_fraction": float(np.mean(convex)),
-        "barrier_loss": float(np.mean(bl)),
-        "barrier_loss_std": float(np.std(bl)),
-        "barrier_error": float(np.mean(be)),
-        "barrier_error_std": float(np.std(be)),
+        "barrier_loss": _within(bl)[0],
+        "barrier_loss_std": _within(bl)[1],
+        "barrier_error": _within(be)[0],
+        "barrier_error_std": _within(be)[1],
         "member_loss": member_loss,
         "member_accuracy": member_acc,
         "average_loss": float(avg_eval["loss"]),
@@ -330,6 +361,42 @@ def _measure(
     )
 
 
+def _mixtures_reset(
+    objective: Objective, stacked: Params, weights: np.ndarray, member_states: list[Params] | None, *, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mixture rows with RESET statistics (on the objective's inputs); a row that is one member
+    (``w = e_i``) uses that member's own statistics when ``member_states`` gives them."""
+    from probes import batchnorm as bn
+
+    loss = np.full(len(weights), np.nan)
+    acc = np.full(len(weights), np.nan)
+    one_hot = np.isclose(weights.max(axis=1), 1.0) & np.isclose(weights.sum(axis=1), 1.0) if member_states else (
+        np.zeros(len(weights), bool))
+    inner = np.flatnonzero(~one_hot)
+    if inner.size:
+        x, bs = bn.reset_inputs(objective, None)
+        keep = bn.momentum(objective, jax.tree.map(lambda v: v[0], stacked))
+        li, ai = bn.evaluate_mixtures_reset(objective, stacked, jnp.asarray(weights[inner], jnp.float32), x, keep,
+                                            chunk=chunk, batch_size=bs)
+        loss[inner], acc[inner] = np.asarray(li, np.float64), np.asarray(ai, np.float64)
+    if one_hot.any():
+        own = [bn.evaluate_at(objective, jax.tree.map(lambda v, i=i: v[i], stacked), st)
+               for i, st in enumerate(member_states)]
+        for r in np.flatnonzero(one_hot):
+            i = int(np.argmax(weights[r]))
+            loss[r], acc[r] = float(own[i]["loss"]), float(own[i]["accuracy"])
+    return loss, acc
+
+
+def _member_states(members: Any) -> list[list[Params] | None]:
+    """Each basin's members' own model states (a BasinResult keeps them), else None."""
+    if isinstance(members, (list, tuple)) and members and all(isinstance(m, basin_lib.BasinResult) for m in members):
+        return [list(m.model_states) if all(jax.tree.leaves(st) for st in m.model_states) else None for m in members]
+    n = len(members) if isinstance(members, (list, tuple)) and members and isinstance(
+        members[0], (basin_lib.BasinResult, basin_lib.SimplexResult)) else 1
+    return [None] * n
+
+
 def convexity(
     key: Key,
     objective: Objective,
@@ -347,6 +414,7 @@ def convexity(
     slq_steps: int = 30,
     negative_tol: float = 1e-3,
     chunk: int = 4,
+    stats: str | None = None,
 ) -> ConvexityResult:
     """Measure mode convexity of given basin members (survey §6.1.1).
 
@@ -377,6 +445,13 @@ def convexity(
             at a minimum most eigenvalues are ≈ 0 and SLQ lumps them into one node of weight ≈ 1
             whose sign is rounding noise, so "below zero" needs a scale.
         chunk: points evaluated together (vmapped) per sequential step.
+        stats: BatchNorm running statistics (:mod:`probes.batchnorm`): ``"reset"`` (the default
+            for a model with them) evaluates every chord point, path point and the average with
+            statistics recomputed there on the training inputs (RESET; SWA's ``bn_update``), and
+            the members with their own (kept by a :class:`~probes.basin.BasinResult`; RESET when
+            none are known); ``"given"`` uses the objective's everywhere. ``settings["stats"]``
+            and ``settings["member_stats"]`` record them. Ensemble scores and the curvature at
+            the solution use the objective's statistics.
 
     Returns:
         :class:`ConvexityResult` (``.summary`` mean/std/samples over seeds, ``.to_dict()``, ``.plot()``).
@@ -412,16 +487,24 @@ def convexity(
     if not (isinstance(tol, (int, float)) and math.isfinite(tol)):
         msg = f"tol must be a finite float, got {tol!r}"
         raise ValueError(msg)
+    from probes.batchnorm import resolve_stats
+
+    mode = resolve_stats(objective, stats)
+    resolve_stats(ev, mode if mode != "none" else None)
     basins = _basins(members, center)
+    own = _member_states(members) if mode == "reset" else [None] * len(basins)
     samples = tuple(
         _measure(jax.random.fold_in(key, s), objective, ev, ms, avg, c, num_chords=num_chords, tol=float(tol),
                  endpoints=endpoints, num_points=num_points, max_pairs=max_pairs, curvature=curvature,
-                 lanczos_steps=lanczos_steps, slq_steps=slq_steps, negative_tol=float(negative_tol), chunk=chunk)
+                 lanczos_steps=lanczos_steps, slq_steps=slq_steps, negative_tol=float(negative_tol), chunk=chunk,
+                 mode=mode, member_states=own[s])
         for s, (ms, avg, c) in enumerate(basins)
     )
     settings = {"num_chords": num_chords, "tol": float(tol), "endpoints": endpoints, "num_points": num_points,
                 "max_pairs": max_pairs, "curvature": bool(curvature), "lanczos_steps": lanczos_steps,
-                "slq_steps": slq_steps, "negative_tol": float(negative_tol), "num_members": [len(b[0]) for b in basins]}
+                "slq_steps": slq_steps, "negative_tol": float(negative_tol), "num_members": [len(b[0]) for b in basins],
+                "stats": mode,
+                "member_stats": mode if mode != "reset" else ("own" if all(o is not None for o in own) else "reset")}
     return ConvexityResult(samples=samples, settings=settings)
 
 

@@ -29,6 +29,7 @@ from landscape.objective import Objective
 from landscape.train import TrainState, Trainer, spawn
 from probes.characteristics._mixtures import pair_paths
 from probes.curves import BARRIER_DEFINITIONS
+from probes.numerics import json_safe, spread
 
 __all__ = ["DeterminismResult", "determinism", "quick_determinism", "spawn_ladder"]
 
@@ -51,7 +52,9 @@ def spawn_ladder(steps: int, *, base: int = 2, start: int = 1) -> tuple[int, ...
 
 
 def _mean_std(a: np.ndarray) -> tuple[list[float], list[float]]:
-    return np.mean(a, axis=0).tolist(), np.std(a, axis=0).tolist()
+    """Per-column mean and ``ddof=1`` std over seeds (:func:`probes.numerics.spread`), for plots."""
+    sp = spread(a, axis=0)
+    return np.asarray(sp.mean, np.float64).tolist(), np.asarray(sp.std, np.float64).tolist()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,31 +108,36 @@ class DeterminismResult:
     @property
     def onset(self) -> int | None:
         """First spawn step ``k*`` from which the seed-mean barrier stays ``<= threshold``
-        (``None`` if the barrier at the last spawn step is still above it)."""
+        (``None`` if the barrier at the last spawn step is still above it). A spawn step whose
+        barrier is non-finite for any seed is never counted as stable (see :attr:`finite`)."""
         mean = np.mean(self.barrier, axis=0)
-        above = np.nonzero(mean > self.threshold)[0]
+        above = np.nonzero(~(mean <= self.threshold))[0]
         if above.size == 0:
             return self.spawn_steps[0]
         last = int(above[-1])
         return None if last == len(self.spawn_steps) - 1 else self.spawn_steps[last + 1]
 
+    @property
+    def finite(self) -> bool:
+        """True when every barrier, distance and child loss is finite."""
+        arrays = (self.barrier_loss, self.barrier_error, self.child_distance, self.child_loss,
+                  self.independent_distance, self.independent_barrier_loss, self.independent_barrier_error)
+        return bool(all(np.all(np.isfinite(np.asarray(a, np.float64))) for a in arrays))
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: settings, onset, barrier and distance curves (mean, std, per seed)."""
+        """JSON-safe: settings, onset, ``finite``, barrier and distance curves (spreads over seeds:
+        :func:`probes.numerics.spread`)."""
         out: dict[str, Any] = {
             "spawn_steps": list(self.spawn_steps), "steps": self.steps, "num_seeds": self.num_seeds,
             "threshold": self.threshold, "measure": self.measure, "definition": self.definition,
-            "share_data_order": self.share_data_order, "onset": self.onset,
+            "share_data_order": self.share_data_order, "onset": self.onset, "finite": self.finite,
         }
-        for name in ("barrier_loss", "barrier_error", "child_distance", "relative_distance"):
-            arr = np.asarray(getattr(self, name), np.float64)
-            mean, std = _mean_std(arr)
-            out[name] = {"mean": mean, "std": std, "samples": arr.tolist()}
-        for name in ("independent_distance", "independent_barrier_loss", "independent_barrier_error"):
-            arr = np.asarray(getattr(self, name), np.float64)
-            out[name] = {"mean": float(arr.mean()), "std": float(arr.std()), "samples": arr.tolist()}
+        for name in ("barrier_loss", "barrier_error", "child_distance", "relative_distance",
+                     "independent_distance", "independent_barrier_loss", "independent_barrier_error"):
+            out[name] = spread(np.asarray(getattr(self, name), np.float64), axis=0).to_dict()
         out["child_loss"] = np.asarray(self.child_loss).tolist()
         out["child_accuracy"] = np.asarray(self.child_accuracy).tolist()
-        return out
+        return json_safe(out)
 
     def plot(self) -> Any:
         """Plotly figure: barrier (loss, error) vs spawn step on a log axis (k = 0 drawn at ½),
@@ -150,8 +158,9 @@ class DeterminismResult:
         fig.add_hline(y=self.threshold, line_dash="dash", line_color="gray", row=1, col=1)
         if self.onset is not None:  # a trace, not a shape: shapes on log axes take log10 coordinates
             x_on = 0.5 if self.onset == 0 else float(self.onset)
-            top = float(max(np.max(np.mean(self.barrier_loss, axis=0)), np.max(np.mean(self.barrier_error, axis=0)),
-                            self.threshold))
+            tops = np.concatenate([np.mean(self.barrier_loss, axis=0), np.mean(self.barrier_error, axis=0),
+                                   [self.threshold]])
+            top = float(np.max(tops[np.isfinite(tops)]))
             fig.add_trace(go.Scatter(x=[x_on, x_on], y=[0.0, top], mode="lines", name=f"onset k* = {self.onset}",
                                      line={"dash": "dot", "color": "black"}), row=1, col=1)
         mean, std = _mean_std(np.asarray(self.relative_distance, np.float64))

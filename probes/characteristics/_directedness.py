@@ -43,6 +43,7 @@ from landscape.data import Dataset
 from landscape.merge import sparsify
 from landscape.objective import Objective
 from landscape.train import Trainer, make_optimizer
+from probes.numerics import json_safe, spread
 
 __all__ = [
     "DIRECTEDNESS_METHODS",
@@ -110,21 +111,10 @@ def select_by_validation(val: Any, test: Any) -> tuple[np.ndarray, np.ndarray]:
     return idx, test[np.arange(val.shape[0]), idx]
 
 
-def _json(x: Any) -> Any:
-    if isinstance(x, list):
-        return [_json(v) for v in x]
-    return None if isinstance(x, float) and not np.isfinite(x) else x
-
-
 def _ms(a: np.ndarray, axis: int = 0) -> dict[str, Any]:
-    """Mean and std over ``axis`` ignoring nan (an all-nan slice gives None)."""
-    a = np.asarray(a, np.float64)
-    ok = np.isfinite(a).any(axis=axis)
-    filled = np.where(np.isfinite(a), a, 0.0)
-    n = np.maximum(np.isfinite(a).sum(axis=axis), 1)
-    mean = filled.sum(axis=axis) / n
-    var = (np.where(np.isfinite(a), a - np.expand_dims(mean, axis), 0.0) ** 2).sum(axis=axis) / n
-    return {"mean": _json(np.where(ok, mean, np.nan).tolist()), "std": _json(np.where(ok, np.sqrt(var), np.nan).tolist())}
+    """Spread over ``axis`` (:func:`probes.numerics.spread`: finite samples, ``ddof=1``, counts of
+    finite and non-finite samples; the samples themselves are in the raw arrays)."""
+    return spread(np.asarray(a, np.float64), axis=axis).to_dict(samples=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,15 +174,15 @@ class DirectednessResult:
 
     @property
     def same_task_cosine(self) -> tuple[float, float]:
-        """Mean and std of the cosine over same-task pairs (nan with one seed per task)."""
-        v = self._pairs(True)
-        return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
+        """Mean and ``ddof=1`` std of the cosine over same-task pairs (nan with one seed per task)."""
+        sp = spread(self._pairs(True))
+        return sp.mean, sp.std
 
     @property
     def cross_task_cosine(self) -> tuple[float, float]:
-        """Mean and std of the cosine over cross-task pairs (nan with one task)."""
-        v = self._pairs(False)
-        return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
+        """Mean and ``ddof=1`` std of the cosine over cross-task pairs (nan with one task)."""
+        sp = spread(self._pairs(False))
+        return sp.mean, sp.std
 
     @property
     def chosen_test(self) -> np.ndarray:
@@ -209,14 +199,14 @@ class DirectednessResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary with means and spreads over seeds and the raw arrays."""
         chosen = self.chosen_test
-        return {
+        return json_safe({
             "task_names": list(self.task_names),
             "lams": list(self.lams),
             "percents": list(self.percents),
             "methods": list(self.methods),
             "cosine": np.asarray(self.cosine).tolist(),
-            "same_task_cosine": dict(zip(("mean", "std"), _json(list(self.same_task_cosine)), strict=True)),
-            "cross_task_cosine": dict(zip(("mean", "std"), _json(list(self.cross_task_cosine)), strict=True)),
+            "same_task_cosine": spread(self._pairs(True)).to_dict(samples=False),
+            "cross_task_cosine": spread(self._pairs(False)).to_dict(samples=False),
             "base_accuracy": np.asarray(self.base_accuracy).tolist(),
             "expert_accuracy": _ms(self.expert_accuracy.T),
             "curves": {"plus": _ms(self.curves[:, :, 0].transpose(1, 0, 2, 3)),
@@ -236,7 +226,7 @@ class DirectednessResult:
                 "per_seed": _ms(self.erank_per_seed),
                 "per_task": np.asarray(self.erank_per_task).tolist(),
             },
-        }
+        })
 
     def plot(self) -> Any:
         """Plotly figure: cosine matrix, ±λ curves on the own task, mask gain, merges."""
@@ -254,14 +244,15 @@ class DirectednessResult:
             own = self.curves[i, :, :, :, i]
             x = np.concatenate([-lams[::-1], lams])
             y = np.concatenate([own[:, 1, ::-1], own[:, 0]], axis=1)
-            fig.add_trace(go.Scatter(x=x, y=y.mean(0), error_y={"array": y.std(0)}, name=name,
+            sy = spread(y, axis=0)
+            fig.add_trace(go.Scatter(x=x, y=sy.mean, error_y={"array": sy.std}, name=name,
                                      mode="lines+markers"), row=1, col=2)
             gain = _ms(self.mask_gain[i])
             fig.add_trace(go.Scatter(x=list(self.percents), y=gain["mean"],
                                      error_y={"array": gain["std"]}, name=f"{name} mask",
                                      mode="lines+markers", showlegend=False), row=2, col=1)
-        avg = self.chosen_test.mean(-1)
-        fig.add_trace(go.Bar(x=list(self.methods), y=avg.mean(1), error_y={"array": avg.std(1)},
+        avg = spread(self.chosen_test.mean(-1), axis=1)
+        fig.add_trace(go.Bar(x=list(self.methods), y=avg.mean, error_y={"array": avg.std},
                              name="merges", showlegend=False), row=2, col=2)
         fig.update_xaxes(type="log", title_text="k (%)", row=2, col=1)
         fig.update_xaxes(title_text="signed λ", row=1, col=2)

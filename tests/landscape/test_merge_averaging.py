@@ -32,9 +32,9 @@ def _close(a, b, **kw):
 def _merges_of_identical(p, base, t):
     same = tree.stack([p, p, p])
     return (
-        merge.average(same),
-        merge.average(same, weights=jnp.array([1.0, 2.0, 3.0])),
-        merge.swa(same),
+        merge.average(same, stacked=True),
+        merge.average(same, weights=jnp.array([1.0, 2.0, 3.0]), stacked=True),
+        merge.swa(same, stacked=True),
         merge.slerp(p, p, t=t),
         merge.model_stock(same, base=base),
         merge.model_stock(same, base=base, scope="row", angle="angle"),
@@ -60,7 +60,7 @@ def test_average_closed_forms():
     want = jax.tree.map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)) / w.sum(), *ms)
     _close(got, want, rtol=1e-6)
     # uniform == FedSGD mean; stacked input gives the same
-    _close(merge.average(tree.stack(ms)), jax.tree.map(lambda *xs: sum(xs) / 3, *ms), rtol=1e-6)
+    _close(merge.average(tree.stack(ms), stacked=True), jax.tree.map(lambda *xs: sum(xs) / 3, *ms), rtol=1e-6)
     # signed combination without normalisation: a - b
     diff = merge.average(ms[:2], weights=[1.0, -1.0], normalize=False)
     _close(diff, tree.sub(ms[0], ms[1]), rtol=1e-6)

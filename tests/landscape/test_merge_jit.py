@@ -34,8 +34,8 @@ def test_all_methods_jit_equal_eager():
     def run(fts, base, fish, kf, grams, key):
         first, second = (jax.tree.map(lambda x, i=i: x[i], fts) for i in range(2))
         return {
-            "average": merge.average(fts, weights=jnp.array([1.0, 2.0])),
-            "swa": merge.swa(fts),
+            "average": merge.average(fts, weights=jnp.array([1.0, 2.0]), stacked=True),
+            "swa": merge.swa(fts, stacked=True),
             "model_stock": merge.model_stock(fts, base=base, scope="row"),
             "slerp": merge.slerp(first, second, t=0.3),
             "task_arithmetic": merge.task_arithmetic(fts, base=base, lam=0.7),
@@ -53,8 +53,8 @@ def test_all_methods_jit_equal_eager():
     # under jit against closed forms or eager calls in their own tests
     first, second = (jax.tree.map(lambda x, i=i: x[i], fts) for i in range(2))
     eager = {
-        "average": merge.average(fts, weights=jnp.array([1.0, 2.0])),
-        "swa": merge.swa(fts),
+        "average": merge.average(fts, weights=jnp.array([1.0, 2.0]), stacked=True),
+        "swa": merge.swa(fts, stacked=True),
         "slerp": merge.slerp(first, second, t=0.3),
         "task_arithmetic": merge.task_arithmetic(fts, base=base, lam=0.7),
         "dare": merge.dare(key, fts, base=base, drop=0.3, combine="ties"),
