@@ -82,3 +82,84 @@ def test_cli_errors_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "transformer" in err and "mlp" in err
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+FRESH_PROCESS = """
+import json, sys
+from probes.config import parse_config
+from probes.report import run_report
+cfg = json.loads(sys.argv[1])
+run_report(parse_config(cfg), sys.argv[2], log=lambda _m: None)
+"""
+
+NUMBERS_OFF = {**OFF, "curvature": "quick"}
+
+
+def _numbers(results, sections):
+    """The measured numbers of ``sections``: everything but timings, dates and cache flags."""
+    out = {}
+    for name in sections:
+        sec = json.loads(json.dumps(results["sections"][name], default=float))
+        if name == "models":
+            for m in sec["members"]:
+                for k in ("cached", "path", "train_seconds"):
+                    m.pop(k, None)
+        out[name] = sec
+    return out
+
+
+def test_a_fresh_process_gives_identical_numbers(tiny_report, tmp_path):
+    """Same config and seeds, a new Python process and an empty output folder: the trained models, the
+    interpolation and the curvature section (its own Lanczos / Hutchinson / SLQ keys) are bit-identical."""
+    import subprocess
+    import sys
+
+    out, first, _ = tiny_report
+    cfg = {**TINY, "sections": NUMBERS_OFF}
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(cfg), str(tmp_path / "fresh")], check=True)
+    again = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    stored = first  # results.json in ``out`` is rewritten by later tests; the fixture keeps the first run's
+    assert not any(m["cached"] for m in again["sections"]["models"]["members"])
+    keep = ("models", "interpolation", "curvature")
+    assert _numbers(again, keep) == _numbers(stored, keep)
+    # and the checkpoints hold bit-identical tensors (their metadata records the training time, which differs)
+    from safetensors.numpy import load_file
+
+    names = sorted(p.name for p in (tmp_path / "fresh" / "checkpoints").glob("*.safetensors"))
+    assert len(names) == 2
+    for name in names:
+        a, b = load_file(out / "checkpoints" / name), load_file(tmp_path / "fresh" / "checkpoints" / name)
+        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_report_numbers_equal_the_direct_probes(tiny_report):
+    """Reload the report's checkpoints and call the probes directly, with the keys the report documents
+    (``fold_in(key(seed), section index)``): the barrier and the top eigenvalues are the same numbers."""
+    import jax
+    import numpy as np
+
+    from landscape import Objective, io, models
+    from landscape.data import load
+    from probes import hessian
+    from probes.curves import interpolate
+    from probes.report import SECTION_IDS
+
+    out, stored, _ = tiny_report
+    cfg = parse_config(TINY)
+    ds = load(cfg.data.name, **cfg.data.options)
+    xt, yt = ds.train
+    fm, params, state = models.functional(
+        models.build("mlp", jax.random.key(0), in_features=int(np.prod(ds.input_shape)), widths=(16, ds.num_classes)))
+    members = stored["sections"]["models"]["members"]
+    loaded = [io.load(out / m["checkpoint"], like={"params": params, "state": state})[0]["params"] for m in members]
+    train = Objective(fm, xt, yt, batch_size=512)
+    direct = interpolate(train, loaded[0], loaded[1], num=5)
+    interp = stored["sections"]["interpolation"]["train"]
+    np.testing.assert_allclose(direct.loss, interp["loss"], rtol=1e-6, atol=1e-7)
+    assert direct.barrier.loss == pytest.approx(interp["barrier"]["linear"]["loss"], rel=1e-6, abs=1e-7)
+    key = jax.random.fold_in(jax.random.key(TINY["seed"]), SECTION_IDS.index("curvature"))
+    for i, p in enumerate(loaded):
+        ks = jax.random.split(jax.random.fold_in(key, i), 4)
+        spec = hessian.eigenvalues(ks[0], train, p, k=3, which="top")
+        got = stored["sections"]["curvature"]["models"][i]["eigenvalues"]["eigenvalues"]
+        np.testing.assert_allclose(np.asarray(spec.eigenvalues), got, rtol=1e-5)
