@@ -149,12 +149,31 @@ def run_setting(seed: int, local: bool) -> dict[str, Any]:
     out["tact(ta)"] = sweep({f"lam={l}": (lambda l=l: tact_of(ta(l))) for l in LAMS})
     out["tact(ties)"] = sweep({f"density={d},lam={l}": (lambda d=d, l=l: tact_of(ti(d, l)))
                                for d in DENSITIES for l in LAMS})
+    # Newer task-vector and spherical methods (issue 15 part 5): settings chosen on validation as above.
+    out["tsv_merge"] = sweep({f"lam={l}": (lambda l=l: body_only(merge.tsv_merge(experts, base=base, lam=l)))
+                              for l in LAMS})
+    out["iso_c"] = sweep({f"lam={l}": (lambda l=l: body_only(merge.iso_c(experts, base=base, lam=l))) for l in LAMS})
+    out["iso_cts"] = sweep({f"lam={l}": (lambda l=l: body_only(merge.iso_cts(experts, base=base, lam=l)))
+                            for l in LAMS})
+    out["wudi"] = sweep({f"lr={r},lam={l}": (lambda r=r, l=l: body_only(
+        merge.wudi(experts, base=base, lam=l, learning_rate=r, steps=300))) for r in (1e-5, 1e-3) for l in (0.5, 1.0)})
+    out["cart"] = sweep({f"rank={f},lam={l}": (lambda f=f, l=l: body_only(merge.cart(experts, rank_fraction=f, lam=l)))
+                         for f in (0.1, 0.3) for l in (0.5, 1.0, 1.5, 2.0)})
+    out["nuslerp"] = sweep({"task vectors, t=0.5": lambda: body_only(merge.nuslerp(experts, base=base))})
+    out["multislerp"] = sweep({"task vectors": lambda: body_only(merge.multislerp(experts, base=base)),
+                               "models": lambda: body_only(merge.multislerp(experts))})
+    out["karcher"] = sweep({"-": lambda: body_only(merge.karcher(experts))})
+    out["sce"] = sweep({f"topk={k}": (lambda k=k: body_only(merge.sce(experts, base=base, select_topk=k)))
+                        for k in (0.5, 1.0)})
+    out["nearswap"] = sweep({f"t={t}": (lambda t=t: body_only(merge.nearswap(experts[0], experts[1], t=t)))
+                             for t in (1e-3, 1e-2, 1e-1)})
     out["_seconds"] = time.time() - t0
     return out
 
 
 ORDER = ("experts", "ensemble", "base", "average", "task_arithmetic", "ties", "dare", "fisher", "regmean",
-         "repair(ta)", "tact(ta)", "tact(ties)")
+         "repair(ta)", "tact(ta)", "tact(ties)", "tsv_merge", "iso_c", "iso_cts", "wudi", "cart", "nuslerp",
+         "multislerp", "karcher", "sce", "nearswap")
 
 
 def table(runs: list[dict[str, Any]], title: str) -> str:
@@ -173,9 +192,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="benchmarks/results/merging_digits.json")
+    parser.add_argument("--settings", choices=("both", "local", "non-local"), default="both")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced grids for a contended CPU: lam in (0.4, 1.0), density 0.2, drop 0.9, alpha 0.9")
     args = parser.parse_args()
+    if args.quick:
+        global LAMS, DENSITIES, DROPS, ALPHAS
+        LAMS, DENSITIES, DROPS, ALPHAS = (0.4, 1.0), (0.2,), (0.9,), (0.9,)
     results = {}
-    for local in (True, False):
+    for local in {"both": (True, False), "local": (True,), "non-local": (False,)}[args.settings]:
         name = "local" if local else "non-local"
         runs = [run_setting(s, local) for s in args.seeds]
         results[name] = runs

@@ -8,6 +8,14 @@ jittable, differentiable and vmappable over a leading params axis.
 
 .. math::  L(\\theta) = \\frac{1}{n} \\sum_{i=1}^{n} \\ell(f_\\theta(x_i), y_i)
 
+Sequence data (``docs/sequences.md``): ``x`` may be a pytree of arrays sharing the leading example
+axis (``{"input_ids": (N, T) int, "attention_mask": (N, T)}``), and ``loss="next_token"`` averages
+the cross-entropy over the *real tokens* of the whole dataset (targets not equal to
+:data:`IGNORE_INDEX`), ``L = (1/N_tok) Σ_{i,t real} −log softmax(z_{it})_{y_{it}}``, with token
+accuracy over the same tokens. ``Objective(..., mesh=mesh, data_axis="data")`` shards the example
+axis of every batch over a device mesh axis; :class:`StreamingObjective` reads batches from a data
+source too large for memory.
+
 Example:
     >>> import jax.numpy as jnp
     >>> from landscape import Objective
@@ -20,7 +28,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -30,7 +40,26 @@ import optax
 
 from landscape._types import ApplyFn, Array, LossFn, Params
 
-__all__ = ["LOSSES", "Objective", "check_targets", "label_range"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSSES",
+    "TOKEN_LOSSES",
+    "Objective",
+    "StreamingObjective",
+    "TokenLoss",
+    "check_targets",
+    "label_range",
+    "npy_batches",
+]
+
+IGNORE_INDEX = -100
+"""Target value of a token that does not count (padding, the position after the last token);
+Hugging Face's ``labels`` convention. With ``loss="next_token"`` a position with attention mask 0 is
+set to this value when the :class:`Objective` is built."""
+
+TOKEN_LOSSES = ("next_token",)
+"""Built-in losses over token sequences: logits ``(N, T, V)``, targets ``(N, T)``; the dataset
+average runs over real tokens, not over examples."""
 
 
 def _cross_entropy_labels(logits: Array, y: Array) -> Array:
@@ -82,6 +111,9 @@ def check_targets(
     * **regression targets** (``"mse"``): a float array of ``out_shape``, or ``(N,)`` for ``(N, 1)``
       outputs.
 
+    * **next-token ids** (``"next_token"``): logits ``(N, T, V)`` and an integer array ``(N, T)``
+      with values in ``[0, V)`` or :data:`IGNORE_INDEX` (a token that does not count).
+
     ``loss="callable"`` checks nothing: a callable loss owns the meaning of its targets (the
     accuracy of a row whose integer label is outside ``[0, C)`` is then NaN, see ``evaluate``).
     """
@@ -89,6 +121,23 @@ def check_targets(
     y_shape, y_dtype = tuple(jnp.shape(y)), jnp.result_type(y)
     integer = jnp.issubdtype(y_dtype, jnp.integer)
     if loss == "callable":  # the callable owns the meaning of its targets
+        return
+    if loss in TOKEN_LOSSES:
+        if len(out_shape) != 3 or not integer or y_shape != out_shape[:-1]:
+            msg = (
+                f"{loss} needs logits of shape (N, T, V) and integer next-token ids of shape (N, T) "
+                f"(the logits' shape without the vocabulary axis): targets have shape {y_shape} and dtype "
+                f"{y_dtype}, the logits have shape {out_shape}"
+            )
+            raise ValueError(msg)
+        # (min, max) may include IGNORE_INDEX (a range over all targets, as Trainer passes): allowed as min
+        lo_bad = label_range is not None and label_range[0] < 0 and label_range[0] != IGNORE_INDEX
+        if label_range is not None and (lo_bad or label_range[1] >= out_shape[-1]):
+            msg = (
+                f"next-token ids must lie in [0, {out_shape[-1]}) (the vocabulary of the logits {out_shape}) "
+                f"or equal {IGNORE_INDEX} (ignored), got real targets from {label_range[0]} to {label_range[1]}"
+            )
+            raise ValueError(msg)
         return
     if integer and y_shape == out_shape[:-1] and len(out_shape) >= 1:
         if label_range is not None:
@@ -145,8 +194,62 @@ def _mse(out: Array, y: Array) -> Array:
     return jnp.mean(err.reshape(err.shape[0], -1), axis=-1)
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
-"""Built-in per-example losses by name."""
+def _token_terms(logits: Array, y: Array) -> tuple[Array, Array, Array]:
+    """Per-token ``(loss, correct, real)`` of shape ``(N, T)`` for logits ``(N, T, V)``.
+
+    ``real = y != IGNORE_INDEX``; ignored tokens have loss and correctness exactly 0 (their target
+    is replaced by 0 before the log-softmax, so nothing NaN flows into the gradient). ``correct`` is
+    NaN at a real token whose logits are not all finite (``argmax`` of NaN would be token 0).
+    """
+    real = y != IGNORE_INDEX
+    safe = jnp.where(real, y, 0).astype(jnp.int32)
+    per = _cross_entropy_labels(logits, safe)
+    per = jnp.where(real, per, jnp.zeros_like(per))
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    hit = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32)
+    correct = jnp.where(real, jnp.where(finite, hit, jnp.nan), 0.0)
+    return per, correct, real
+
+
+def _next_token(logits: Array, y: Array) -> Array:
+    """Per-sequence next-token cross-entropy: the mean over the sequence's real tokens.
+
+    For logits ``z`` of shape ``(N, T, V)`` and targets ``y`` ``(N, T)`` (``y_{it}`` the id of the
+    token after position ``t``; :data:`IGNORE_INDEX` where it does not count)
+
+    .. math::  ℓ_i = \\frac{1}{\\max(1, T_i)} Σ_{t: y_{it} ≠ −100} −\\log \\mathrm{softmax}(z_{it})_{y_{it}},
+
+    ``T_i`` the number of real tokens of sequence ``i`` (0 for a sequence without any). This is the
+    stand-alone per-example loss (``Trainer(..., loss="next_token")`` averages it over a minibatch);
+    an :class:`Objective` instead averages over the real tokens of the whole dataset (see
+    :class:`TokenLoss`), so long sequences weigh more than short ones, as in language modelling.
+    """
+    check_targets(y, jnp.shape(logits), loss="next_token")
+    per, _, real = _token_terms(logits, y)
+    count = jnp.maximum(jnp.sum(real, axis=-1), 1).astype(per.dtype)
+    return jnp.sum(per, axis=-1) / count
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLoss:
+    """Per-sequence next-token loss scaled so its mean over the dataset's ``n`` sequences is the
+    mean over its ``N_tok`` real tokens: ``ℓ_i = (n / N_tok) Σ_{t real} ℓ_{it}``.
+
+    This is ``Objective(..., loss="next_token").loss_fn``: probes that average ``loss_fn`` over
+    examples (Hessian, GGN and Fisher products, curve fitting) then see exactly the token-averaged
+    loss that ``Objective.loss`` computes (to rounding of ``scale``).
+    """
+
+    scale: Any
+
+    def __call__(self, logits: Array, y: Array) -> Array:
+        check_targets(y, jnp.shape(logits), loss="next_token")
+        per, _, _ = _token_terms(logits, y)
+        return self.scale * jnp.sum(per, axis=-1)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse, "next_token": _next_token}
+"""Built-in per-example losses by name (``"next_token"``: see :data:`TOKEN_LOSSES`)."""
 
 
 def _correct(logits: Array, y: Array) -> Array:
@@ -173,33 +276,202 @@ def _correct(logits: Array, y: Array) -> Array:
     return jnp.where(ok, (pred == label).astype(jnp.float32), jnp.nan)
 
 
+def _as_array(a: Any) -> Any:
+    return a if isinstance(a, jax.core.Tracer) else jnp.asarray(a)
+
+
+def _num_examples(x: Any, y: Any) -> int:
+    """The shared leading axis of every leaf of ``x`` and of ``y``; ``ValueError`` naming the leaf."""
+    named = jax.tree_util.tree_flatten_with_path(x)[0]
+    if not named:
+        msg = "x holds no arrays (an empty pytree); pass inputs with a leading example axis"
+        raise ValueError(msg)
+    shapes = {jax.tree_util.keystr(p) or "x": tuple(jnp.shape(a)) for p, a in named}
+    first = next(iter(shapes.values()))
+    if jnp.ndim(y) < 1 or len(first) < 1:
+        msg = f"x and y need a shared leading example axis, got shapes {first} and {jnp.shape(y)}"
+        raise ValueError(msg)
+    n = first[0]
+    bad = {k: s for k, s in shapes.items() if len(s) < 1 or s[0] != n}
+    if bad or jnp.shape(y)[0] != n:
+        if len(shapes) == 1:
+            msg = f"x and y need a shared leading example axis, got shapes {first} and {jnp.shape(y)}"
+        else:
+            msg = (
+                f"every input leaf and y need the same leading example axis, got x leaves {shapes} and y "
+                f"{tuple(jnp.shape(y))}"
+            )
+        raise ValueError(msg)
+    return int(n)
+
+
+def _token_inputs(x: Any) -> tuple[Any, Any]:
+    """``(ids, attention_mask)`` of token inputs: an ``(N, T)`` array, or a mapping with ``input_ids``
+    (and optionally ``attention_mask``); ``(None, None)`` for other pytrees (nothing to check)."""
+    if isinstance(x, dict):
+        return x.get("input_ids"), x.get("attention_mask")
+    if isinstance(x, (list, tuple)) or not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        return None, None  # e.g. embeddings (N, T, D): nothing to check against
+    return x, None
+
+
+def _token_targets(
+    x: Any, y: Any, *, allow_empty: bool = False
+) -> tuple[Any, tuple[int, int] | None, int | None]:
+    """Checked next-token targets ``y`` with masked positions set to :data:`IGNORE_INDEX`, the
+    ``(min, max)`` of the real targets and their count (``None`` when traced)."""
+    ids, mask = _token_inputs(x)
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(y) != 2:
+        msg = (
+            f"next_token targets must be integer next-token ids of shape (N, T), got shape {tuple(jnp.shape(y))} "
+            f"and dtype {jnp.result_type(y)}"
+        )
+        raise ValueError(msg)
+    if ids is not None and tuple(jnp.shape(ids)) != tuple(jnp.shape(y)):
+        msg = (
+            f"next_token targets of shape {tuple(jnp.shape(y))} must have the token ids' shape "
+            f"{tuple(jnp.shape(ids))} (one target per position: the next token, or {IGNORE_INDEX})"
+        )
+        raise ValueError(msg)
+    if mask is not None:
+        if tuple(jnp.shape(mask)) != tuple(jnp.shape(y)):
+            msg = (
+                f"attention_mask has shape {tuple(jnp.shape(mask))} but input_ids and the targets have shape "
+                f"{tuple(jnp.shape(y))}; the mask needs one 0/1 entry per token"
+            )
+            raise ValueError(msg)
+        if not isinstance(mask, jax.core.Tracer) and getattr(mask, "is_fully_addressable", True):
+            values = np.unique(np.asarray(mask))
+            if not np.all(np.isin(values, (0, 1))):
+                msg = f"attention_mask must hold only 0 and 1, got values {values[:8].tolist()}"
+                raise ValueError(msg)
+        y = jnp.where(jnp.asarray(mask) == 0, jnp.asarray(IGNORE_INDEX, jnp.result_type(y)), y)
+    if isinstance(y, jax.core.Tracer) or not getattr(y, "is_fully_addressable", True):
+        return y, None, None
+    arr = np.asarray(y)
+    real = arr != IGNORE_INDEX
+    if (arr[real] < 0).any():
+        pos = tuple(int(i) for i in np.argwhere(real & (arr < 0))[0])
+        msg = (
+            f"next-token ids must be >= 0 or {IGNORE_INDEX} (ignored), got {int(arr[pos])} at position {pos} "
+            f"of targets with shape {arr.shape}"
+        )
+        raise ValueError(msg)
+    count = int(real.sum())
+    if count == 0 and allow_empty:
+        return y, None, 0
+    if count == 0:
+        msg = f"the next_token targets of shape {arr.shape} have no real token (all {IGNORE_INDEX} or masked)"
+        raise ValueError(msg)
+    return y, (int(arr[real].min()), int(arr[real].max())), count
+
+
+def _batch_sums(
+    apply_fn: ApplyFn, loss: str | LossFn, labels: tuple[int, int] | None, params: Params, xb: Any, yb: Array, m: Array
+) -> dict[str, Array]:
+    """Masked sums over one fixed batch: ``loss``, ``accuracy`` and ``count`` (the weight: 1 per
+    real example, or 1 per real token for :data:`TOKEN_LOSSES`)."""
+    logits = apply_fn(params, xb)
+    name = loss if isinstance(loss, str) else "callable"
+    check_targets(yb, jnp.shape(logits), loss=name, label_range=labels)
+    if name in TOKEN_LOSSES:
+        per, correct, real = _token_terms(logits, yb)
+        w = real & m[:, None]
+        acc_t = jnp.promote_types(per.dtype, jnp.float32)
+        return {
+            "loss": jnp.sum(jnp.where(w, per, 0).astype(acc_t)),
+            "accuracy": jnp.sum(jnp.where(w, correct, 0).astype(acc_t)),
+            "count": jnp.sum(w, dtype=jnp.int32),
+        }
+    per = (LOSSES[loss] if isinstance(loss, str) else loss)(logits, yb)
+    correct = _correct(logits, yb)
+    acc_t = jnp.promote_types(per.dtype, jnp.float32)
+    return {
+        "loss": jnp.sum(jnp.where(m, per, 0).astype(acc_t)),
+        "accuracy": jnp.sum(jnp.where(m, correct, 0).astype(acc_t)),
+        "count": jnp.sum(m, dtype=jnp.int32),
+    }
+
+
+def _check_mesh(mesh: Any, data_axis: Any) -> None:
+    if mesh is None:
+        return
+    if not isinstance(mesh, jax.sharding.Mesh):
+        msg = f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}"
+        raise TypeError(msg)
+    if data_axis not in mesh.axis_names:
+        msg = (
+            f"data_axis {data_axis!r} is not an axis of the mesh; its axes are {tuple(mesh.axis_names)} "
+            f"with sizes {dict(mesh.shape)}"
+        )
+        raise ValueError(msg)
+
+
+def _data_sharder(mesh: jax.sharding.Mesh | None, data_axis: str) -> Callable[[Array], Array]:
+    """``a -> a`` sharded ``P(None, data_axis)`` (stacked batches: the example axis is axis 1).
+
+    A ``jax.lax.with_sharding_constraint`` on the mesh's devices with every axis of type ``Auto``
+    (an ``Explicit`` axis, ``jax.make_mesh``'s default, would make the sharding part of every
+    array's type and require ``jax.set_mesh`` around each ``jit``; here the constraint only tells
+    the compiler how to split the batch, and params keep whatever sharding they have)."""
+    if mesh is None:
+        return lambda a: a
+    auto_axes = (jax.sharding.AxisType.Auto,) * mesh.devices.ndim
+    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto_axes)
+    sharding = jax.sharding.NamedSharding(auto, jax.sharding.PartitionSpec(None, data_axis))
+    return lambda a: jax.lax.with_sharding_constraint(a, sharding)
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class Objective:
     """A model's apply function, a dataset and a loss, averaged over the whole dataset.
 
     Args:
         apply_fn: ``apply_fn(params, x) -> logits`` for a batch ``x``.
-        x: inputs with a leading example axis.
+        x: inputs with a leading example axis: an array, or any pytree of arrays sharing it
+            (``{"input_ids": (N, T), "attention_mask": (N, T)}``); batches keep the pytree's structure.
         y: targets: integer class ids in ``[0, C)`` (cross-entropy, accuracy), float probability /
             one-hot rows of exactly the outputs' shape ``(N, C)``, or regression targets for
             ``"mse"`` (see :func:`check_targets`; any other shape or a label outside ``[0, C)`` is a
             ``ValueError`` naming both shapes at the first evaluation, never broadcast or wrapped).
-        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(logits, y) -> (batch,)`` of
-            per-example losses.
+            For ``"next_token"``: ``(N, T)`` integer ids of the next token (``y[:, t] = ids[:, t + 1]``,
+            built by :mod:`landscape.data.text`), :data:`IGNORE_INDEX` where a position does not count.
+        loss: ``"cross_entropy"``, ``"mse"``, ``"next_token"`` or a callable ``loss(logits, y) -> (batch,)``
+            of per-example losses.
         batch_size: the largest number of examples per fixed-size batch; the number of batches
             ``ceil(n / batch_size)`` is static and the batches are evened out.
+        mesh: optional ``jax.sharding.Mesh``: the example axis of every fixed batch is sharded over
+            its axis ``data_axis`` (``NamedSharding(mesh, P(None, data_axis))`` on the stacked batches),
+            so the forward pass, gradients and HVPs are sharded computations and XLA performs the
+            cross-device reduction of the per-batch sums. The per-batch size is rounded up to a
+            multiple of the axis size; the extra rows are padding with mask 0. Params are left as
+            they are (replicated unless the caller shards them).
+        data_axis: the mesh axis the examples are sharded over (default ``"data"``).
+
+    **Next-token loss.** With ``loss="next_token"`` the model returns logits ``(N, T, V)``; a token
+    counts when its target is not :data:`IGNORE_INDEX` — positions where ``x["attention_mask"]`` is 0
+    are set to :data:`IGNORE_INDEX` in ``self.y`` when the objective is built (so the mask lives in
+    the targets, and every probe that sees only ``(logits, y)`` masks the same tokens).
+    ``loss`` is the mean cross-entropy over the ``N_tok`` real tokens of the whole dataset and
+    ``accuracy`` the fraction of them whose argmax is the target; :attr:`normaliser` is ``N_tok``
+    (``n`` for per-example losses) and :attr:`loss_fn` the per-sequence :class:`TokenLoss` whose mean
+    over the ``n`` sequences is that same loss.
 
     ``Objective`` is a pytree whose leaves are ``x`` and ``y``, so it can be passed through
-    ``jax.jit``; ``apply_fn``, ``loss``, ``batch_size`` and ``label_range`` (the concrete
-    ``(min, max)`` of integer labels, checked against the class count) are static.
+    ``jax.jit``; ``apply_fn``, ``loss``, ``batch_size``, ``label_range`` (the concrete
+    ``(min, max)`` of integer labels, checked against the class count), ``num_tokens``, ``mesh`` and
+    ``data_axis`` are static.
     """
 
     apply_fn: ApplyFn
-    x: Array
+    x: Any
     y: Array
     loss_name: str | LossFn
     batch_size: int
     label_range: tuple[int, int] | None
+    num_tokens: int | None
+    mesh: jax.sharding.Mesh | None
+    data_axis: str
 
     def __init__(
         self,
@@ -209,6 +481,8 @@ class Objective:
         *,
         loss: str | LossFn = "cross_entropy",
         batch_size: int = 512,
+        mesh: jax.sharding.Mesh | None = None,
+        data_axis: str = "data",
     ) -> None:
         if not callable(apply_fn):
             msg = f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}"
@@ -219,79 +493,118 @@ class Objective:
         if not (isinstance(loss, str) or callable(loss)):
             msg = f"loss must be one of {sorted(LOSSES)} or a callable, got {type(loss).__name__}"
             raise TypeError(msg)
-        if not isinstance(x, jax.core.Tracer):
-            x, y = jnp.asarray(x), jnp.asarray(y)
-        if jnp.ndim(x) < 1 or jnp.ndim(y) < 1 or jnp.shape(x)[0] != jnp.shape(y)[0]:
-            msg = (
-                "x and y need a shared leading example axis, got shapes "
-                f"{jnp.shape(x)} and {jnp.shape(y)}"
-            )
-            raise ValueError(msg)
-        if jnp.shape(x)[0] == 0:
+        x, y = jax.tree.map(_as_array, x), _as_array(y)
+        n = _num_examples(x, y)
+        if n == 0:
             msg = "the dataset is empty (x has 0 examples)"
             raise ValueError(msg)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             msg = f"batch_size must be a positive int, got {batch_size!r}"
             raise ValueError(msg)
-        labels = label_range(y)
-        if isinstance(loss, str) and labels is not None and labels[0] < 0:
-            msg = (
-                f"class labels must be >= 0, got labels from {labels[0]} to {labels[1]} (shape "
-                f"{tuple(jnp.shape(y))}, dtype {jnp.result_type(y)}); a label -1 is not the last class"
-            )
-            raise ValueError(msg)
-        if loss == "cross_entropy" and not isinstance(y, jax.core.Tracer):
-            _check_probability_rows(y)
-        object.__setattr__(self, "apply_fn", apply_fn)
-        object.__setattr__(self, "x", x)
-        object.__setattr__(self, "y", y)
-        object.__setattr__(self, "loss_name", loss)
-        object.__setattr__(self, "batch_size", batch_size)
-        object.__setattr__(self, "label_range", labels)
+        _check_mesh(mesh, data_axis)
+        num_tokens = None
+        if loss in TOKEN_LOSSES:
+            y, labels, num_tokens = _token_targets(x, y)
+        else:
+            labels = label_range(y)
+            if isinstance(loss, str) and labels is not None and labels[0] < 0:
+                msg = (
+                    f"class labels must be >= 0, got labels from {labels[0]} to {labels[1]} (shape "
+                    f"{tuple(jnp.shape(y))}, dtype {jnp.result_type(y)}); a label -1 is not the last class"
+                )
+                raise ValueError(msg)
+            if loss == "cross_entropy" and not isinstance(y, jax.core.Tracer):
+                _check_probability_rows(y)
+        for name, value in (
+            ("apply_fn", apply_fn), ("x", x), ("y", y), ("loss_name", loss), ("batch_size", batch_size),
+            ("label_range", labels), ("num_tokens", num_tokens), ("mesh", mesh), ("data_axis", data_axis),
+        ):
+            object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ data layout
     @property
     def num_examples(self) -> int:
-        """Number of examples ``n``."""
-        return int(self.x.shape[0])
+        """Number of examples ``n`` (sequences, for token data)."""
+        return int(jnp.shape(jax.tree.leaves(self.x)[0])[0])
+
+    @property
+    def is_token_loss(self) -> bool:
+        """Whether the loss averages over tokens (:data:`TOKEN_LOSSES`) rather than examples."""
+        return isinstance(self.loss_name, str) and self.loss_name in TOKEN_LOSSES
+
+    @property
+    def normaliser(self) -> Any:
+        """What the summed loss is divided by: ``n`` examples, or ``N_tok`` real tokens for
+        :data:`TOKEN_LOSSES` (a traced count when the objective was built from traced targets)."""
+        if not self.is_token_loss:
+            return self.num_examples
+        if self.num_tokens is not None:
+            return self.num_tokens
+        return jnp.sum(self.y != IGNORE_INDEX, dtype=jnp.int32)
 
     @property
     def loss_fn(self) -> LossFn:
-        """The per-example loss ``loss(logits, y) -> (batch,)``."""
+        """The per-example loss ``loss(logits, y) -> (batch,)``; its mean over the ``n`` examples is
+        :meth:`loss` (for ``"next_token"`` the scaled per-sequence sum :class:`TokenLoss`)."""
+        if self.is_token_loss:
+            return TokenLoss(self.num_examples / self.normaliser)
         return LOSSES[self.loss_name] if isinstance(self.loss_name, str) else self.loss_name
 
     def replace(self, **changes: Any) -> Objective:
-        """A copy with some of ``apply_fn``, ``x``, ``y``, ``loss``, ``batch_size`` changed."""
+        """A copy with some of ``apply_fn``, ``x``, ``y``, ``loss``, ``batch_size``, ``mesh``,
+        ``data_axis`` changed."""
         kw = {
             "apply_fn": self.apply_fn,
             "x": self.x,
             "y": self.y,
             "loss": self.loss_name,
             "batch_size": self.batch_size,
+            "mesh": self.mesh,
+            "data_axis": self.data_axis,
         }
+        unknown = sorted(set(changes) - set(kw))
+        if unknown:
+            msg = f"unknown field(s) {unknown} for Objective.replace; accepted: {sorted(kw)}"
+            raise TypeError(msg)
         kw.update(changes)
-        return Objective(kw.pop("apply_fn"), kw.pop("x"), kw.pop("y"), **kw)
+        out = Objective(kw.pop("apply_fn"), kw.pop("x"), kw.pop("y"), **kw)
+        if not {"x", "y", "loss"} & set(changes) and out.label_range is None:  # keep what traced data lost
+            object.__setattr__(out, "label_range", self.label_range)
+            object.__setattr__(out, "num_tokens", self.num_tokens)
+        return out
 
-    def batches(self) -> tuple[Array, Array, Array]:
-        """``(xb, yb, mask)`` with shapes ``(B, batch, ...)``; padded rows repeat the last example
-        and carry ``mask = 0``. ``B = ceil(n / batch_size)`` and the batches are evened out to
-        ``ceil(n / B)`` examples, so at most ``B − 1`` rows are padding (1797 examples at
-        ``batch_size=512``: 4 batches of 450, not 4 of 512 with 251 padded rows)."""
+    def _layout(self) -> tuple[int, int]:
+        """``(number of batches, rows per batch)``."""
         n = self.num_examples
         nb = -(-n // min(self.batch_size, n))
         bs = -(-n // nb)  # the same number of batches, evened out: at most nb - 1 padded rows
+        if self.mesh is not None:
+            k = int(self.mesh.shape[self.data_axis])
+            bs = -(-bs // k) * k
+        return nb, bs
+
+    def batches(self) -> tuple[Any, Array, Array]:
+        """``(xb, yb, mask)`` with shapes ``(B, batch, ...)`` (``xb`` keeps the pytree structure of
+        ``x``); padded rows repeat the last example and carry ``mask = 0``. ``B = ceil(n / batch_size)``
+        and the batches are evened out to ``ceil(n / B)`` examples, so at most ``B − 1`` rows are
+        padding (1797 examples at ``batch_size=512``: 4 batches of 450, not 4 of 512 with 251 padded
+        rows). With a ``mesh`` the batch is rounded up to a multiple of the data-axis size (more
+        masked padding rows) and every array is sharded ``P(None, data_axis)``."""
+        n = self.num_examples
+        nb, bs = self._layout()
         pad = nb * bs - n
+        shard = _data_sharder(self.mesh, self.data_axis)
 
         def padded(a: Array) -> Array:
             if pad:
                 a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
-            return a.reshape((nb, bs) + a.shape[1:])
+            return shard(a.reshape((nb, bs) + a.shape[1:]))
 
-        mask = jnp.arange(nb * bs).reshape(nb, bs) < n
-        return padded(self.x), padded(self.y), mask
+        mask = shard(jnp.arange(nb * bs).reshape(nb, bs) < n)
+        return jax.tree.map(padded, self.x), padded(self.y), mask
 
     # ------------------------------------------------------------------ reductions
-    def map_batches(self, fn: Callable[[Array, Array, Array], Any]) -> Any:
+    def map_batches(self, fn: Callable[[Any, Array, Array], Any]) -> Any:
         """Sum ``fn(xb, yb, mask)`` over the fixed batches with ``lax.scan`` and return the sums.
 
         ``fn`` must return a pytree of arrays; the masking of padded rows is ``fn``'s job (use
@@ -299,10 +612,10 @@ class Objective:
         activation statistics) goes through.
         """
         xb, yb, mb = self.batches()
-        first = jax.eval_shape(fn, xb[0], yb[0], mb[0])
+        first = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], xb), yb[0], mb[0])
         init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
 
-        def body(acc: Any, batch: tuple[Array, Array, Array]) -> tuple[Any, None]:
+        def body(acc: Any, batch: tuple[Any, Array, Array]) -> tuple[Any, None]:
             out = fn(*batch)
             return jax.tree.map(jnp.add, acc, out), None
 
@@ -310,33 +623,24 @@ class Objective:
         return total
 
     def _sums(self, params: Params) -> dict[str, Array]:
-        def fn(xb: Array, yb: Array, m: Array) -> dict[str, Array]:
-            logits = self.apply_fn(params, xb)
-            name = self.loss_name if isinstance(self.loss_name, str) else "callable"
-            check_targets(yb, jnp.shape(logits), loss=name, label_range=self.label_range)
-            per = self.loss_fn(logits, yb)
-            correct = _correct(logits, yb)
-            acc_t = jnp.promote_types(per.dtype, jnp.float32)
-            return {
-                "loss": jnp.sum(jnp.where(m, per, 0).astype(acc_t)),
-                "accuracy": jnp.sum(jnp.where(m, correct, 0).astype(acc_t)),
-            }
-
-        return self.map_batches(fn)
+        return self.map_batches(
+            lambda xb, yb, m: _batch_sums(self.apply_fn, self.loss_name, self.label_range, params, xb, yb, m)
+        )
 
     def loss(self, params: Params) -> Array:
-        """Mean loss over the whole dataset."""
-        return self._sums(params)["loss"] / self.num_examples
+        """Mean loss over the whole dataset (over its real tokens for ``"next_token"``)."""
+        return self._sums(params)["loss"] / self.normaliser
 
     def evaluate(self, params: Params) -> dict[str, Array]:
         """``{"loss": mean loss, "accuracy": fraction correct}`` over the whole dataset.
 
         Accuracy is the argmax match with integer targets (or the argmax of one-hot targets); it is
         NaN for outputs that are not ``(batch, classes)`` with ``classes >= 2`` and whenever a row's
-        logits are not finite (``docs/numerics.md``): NaN logits never score as class 0.
+        logits are not finite (``docs/numerics.md``): NaN logits never score as class 0. For
+        ``"next_token"`` both are over real tokens (token accuracy).
         """
         sums = self._sums(params)
-        return {k: v / self.num_examples for k, v in sums.items()}
+        return {k: sums[k] / self.normaliser for k in ("loss", "accuracy")}
 
     def logits(self, params: Params) -> Array:
         """Model outputs for every example, in dataset order (computed in the fixed batches)."""
@@ -367,19 +671,235 @@ def _check_probability_rows(y: Any) -> None:
         raise ValueError(msg)
 
 
-def _flatten(obj: Objective) -> tuple[tuple[Array, Array], tuple[Any, ...]]:
-    return (obj.x, obj.y), (obj.apply_fn, obj.loss_name, obj.batch_size, obj.label_range)
+_FIELDS = ("apply_fn", "loss_name", "batch_size", "label_range", "num_tokens", "mesh", "data_axis")
 
 
-def _unflatten(aux: tuple[Any, ...], children: tuple[Array, Array]) -> Objective:
+def _flatten(obj: Objective) -> tuple[tuple[Any, Array], tuple[Any, ...]]:
+    return (obj.x, obj.y), tuple(getattr(obj, f) for f in _FIELDS)
+
+
+def _unflatten(aux: tuple[Any, ...], children: tuple[Any, Array]) -> Objective:
     obj = object.__new__(Objective)
-    apply_fn, loss_name, batch_size, labels = aux
-    for name, value in zip(
-        ("apply_fn", "x", "y", "loss_name", "batch_size", "label_range"),
-        (apply_fn, *children, loss_name, batch_size, labels),
-    ):
+    object.__setattr__(obj, "x", children[0])
+    object.__setattr__(obj, "y", children[1])
+    for name, value in zip(_FIELDS, aux):
         object.__setattr__(obj, name, value)
     return obj
 
 
 jax.tree_util.register_pytree_node(Objective, _flatten, _unflatten)
+
+
+# ---------------------------------------------------------------------------------- streaming
+BatchSource = Callable[[], Iterable[tuple[Any, Any]]]
+"""A function returning a *fresh* iterator of ``(x, y)`` numpy (or jax) batches: every batch has
+the same shapes and dtypes except that the last may hold fewer examples."""
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
+def _stream_sums(params: Params, xb: Any, yb: Array, m: Array, *, apply_fn: ApplyFn, loss: Any) -> dict[str, Array]:
+    return _batch_sums(apply_fn, loss, None, params, xb, yb, m)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
+def _stream_grad(params: Params, xb: Any, yb: Array, m: Array, *, apply_fn: ApplyFn, loss: Any) -> Params:
+    return jax.grad(lambda q: _batch_sums(apply_fn, loss, None, q, xb, yb, m)["loss"])(params)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
+def _stream_hvp(params: Params, v: Params, xb: Any, yb: Array, m: Array, *, apply_fn: ApplyFn, loss: Any) -> Params:
+    def grad(q: Params) -> Params:
+        return jax.grad(lambda r: _batch_sums(apply_fn, loss, None, r, xb, yb, m)["loss"])(q)
+
+    return jax.jvp(grad, (params,), (v,))[1]
+
+
+def _shapes(x: Any, y: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    named = jax.tree_util.tree_flatten_with_path(x)[0]
+    out = {f"x{jax.tree_util.keystr(p)}": (tuple(np.shape(a)), str(np.result_type(a))) for p, a in named}
+    out["y"] = (tuple(np.shape(y)), str(np.result_type(y)))
+    return out
+
+
+def npy_batches(x_path: str, y_path: str, *, batch_size: int) -> BatchSource:
+    """A :data:`BatchSource` over two ``.npy`` files read memory-mapped (``np.load(mmap_mode="r")``):
+    batches of ``batch_size`` rows in file order, the last one smaller; only one batch is in memory.
+
+    Raises:
+        FileNotFoundError: a path that is not a file (named).
+        ValueError: the two arrays' leading axes differ, or a bad ``batch_size``.
+    """
+    for path in (x_path, y_path):
+        if not os.path.isfile(path):
+            msg = f"npy file not found: {os.fspath(path)!r}"
+            raise FileNotFoundError(msg)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        msg = f"batch_size must be a positive int, got {batch_size!r}"
+        raise ValueError(msg)
+    xs, ys = np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+    if xs.ndim < 1 or ys.ndim < 1 or xs.shape[0] != ys.shape[0]:
+        msg = f"{os.fspath(x_path)!r} has shape {xs.shape} and {os.fspath(y_path)!r} {ys.shape}: no shared leading axis"
+        raise ValueError(msg)
+
+    def source() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        x, y = np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r")
+        for start in range(0, x.shape[0], batch_size):
+            yield np.asarray(x[start : start + batch_size]), np.asarray(y[start : start + batch_size])
+
+    return source
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class StreamingObjective:
+    """The full-dataset loss over a data source too large for memory, one fixed-size batch at a time.
+
+    The same quantities as :class:`Objective` — ``L = (1/n) Σ_i ℓ_i`` (or ``(1/N_tok) Σ`` over real
+    tokens for ``"next_token"``), accuracy, ``∇L`` and Hessian-vector products ``∇²L v`` — but the
+    batches come from ``source`` (a :data:`BatchSource`: ``source()`` returns a fresh iterator of
+    ``(x, y)`` batches, e.g. :func:`npy_batches` over memory-mapped ``.npy`` files, or a generator
+    reading shards) and the loop over them runs in Python: each batch goes through one jitted
+    per-batch sum (module-level ``jax.jit`` with ``apply_fn`` and the loss static: one compilation
+    for the whole pass). The last batch, if smaller, is padded to the batch size with masked rows,
+    so the average is exact. JAX dispatches asynchronously, so the host reads and transfers batch
+    ``i + 1`` while the device computes batch ``i``.
+
+    A batch whose shapes or dtypes differ from the first one's (other than a smaller last batch)
+    raises ``ValueError`` naming the batch index and both shapes.
+
+    Which probes accept it: its own ``loss`` / ``evaluate`` / ``grad`` / ``hvp``; the
+    :mod:`probes.hessian` estimators need an in-memory :class:`Objective` (they jit the whole
+    Lanczos loop around ``lax.scan``), so spectra over a stream go through a host-side solver on
+    :meth:`hvp`, e.g. ``scipy.sparse.linalg.eigsh`` with a ``LinearOperator`` (``docs/sequences.md``).
+
+    Args:
+        apply_fn: ``apply_fn(params, x) -> logits``; must be hashable (functions are).
+        source: the batch source.
+        loss: ``"cross_entropy"``, ``"mse"``, ``"next_token"`` or a hashable callable per-example loss.
+    """
+
+    apply_fn: ApplyFn
+    source: BatchSource
+    loss_name: str | LossFn
+
+    def __init__(self, apply_fn: ApplyFn, source: BatchSource, *, loss: str | LossFn = "cross_entropy") -> None:
+        if not callable(apply_fn) or not callable(source):
+            msg = "StreamingObjective needs a callable apply_fn(params, x) and a callable source() -> iterator"
+            raise TypeError(msg)
+        if isinstance(loss, str) and loss not in LOSSES:
+            msg = f"unknown loss {loss!r}; accepted: {sorted(LOSSES)} or a callable(logits, y)"
+            raise ValueError(msg)
+        if not (isinstance(loss, str) or callable(loss)):
+            msg = f"loss must be one of {sorted(LOSSES)} or a callable, got {type(loss).__name__}"
+            raise TypeError(msg)
+        object.__setattr__(self, "apply_fn", apply_fn)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "loss_name", loss)
+
+    @property
+    def is_token_loss(self) -> bool:
+        return isinstance(self.loss_name, str) and self.loss_name in TOKEN_LOSSES
+
+    def batches(self, params: Params | None = None) -> Iterator[tuple[Any, Array, Array, int]]:
+        """``(xb, yb, mask, weight)`` per batch, padded to the first batch's size; ``weight`` is the
+        batch's count of real examples (real tokens for ``"next_token"``). With ``params`` the
+        targets are checked against the model's output shape (labels in range)."""
+        it = self.source()
+        if not isinstance(it, Iterable):
+            msg = f"source() must return an iterator of (x, y) batches, got {type(it).__name__}"
+            raise TypeError(msg)
+        first: dict[str, Any] | None = None
+        size = 0
+        short_at: int | None = None
+        out_shape = None
+        for i, item in enumerate(it):
+            if not (isinstance(item, tuple) and len(item) == 2):
+                msg = f"batch {i} of the source is not an (x, y) pair (got {type(item).__name__})"
+                raise ValueError(msg)
+            xb = jax.tree.map(np.asarray, item[0])
+            yb = np.asarray(item[1])
+            shapes = _shapes(xb, yb)
+            rows = {k: s[0][0] if s[0] else None for k, s in shapes.items()}
+            if len(set(rows.values())) != 1 or None in rows.values():
+                msg = f"batch {i}: x and y need a shared leading example axis, got shapes {shapes}"
+                raise ValueError(msg)
+            b = next(iter(rows.values()))
+            if first is None:
+                first, size = shapes, b
+                if b == 0:
+                    msg = "batch 0 of the source is empty"
+                    raise ValueError(msg)
+            else:
+                same = {k: (s[0][1:], s[1]) for k, s in shapes.items()} == {
+                    k: (s[0][1:], s[1]) for k, s in first.items()
+                }
+                if not same or b > size or b == 0:
+                    msg = (
+                        f"batch {i} has shapes {shapes} but batch 0 had {first}; every batch must have the same "
+                        "shapes and dtypes (only the last may hold fewer, but not zero, examples)"
+                    )
+                    raise ValueError(msg)
+                if short_at is not None:
+                    msg = (
+                        f"batch {short_at} held {prev} examples, fewer than the batch size {size}, but batch {i} "
+                        "follows it; only the last batch may be smaller"
+                    )
+                    raise ValueError(msg)
+            if b < size:
+                short_at, prev = i, b
+            if self.is_token_loss:
+                yb, labels, _ = _token_targets(xb, yb, allow_empty=True)
+                yb = np.asarray(yb)
+            else:
+                labels = label_range(yb)
+            weight = int((yb != IGNORE_INDEX).sum()) if self.is_token_loss else b
+            pad = size - b
+            if pad:
+                xb = jax.tree.map(lambda a, pad=pad: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]), xb)
+                yb = np.concatenate([yb, np.repeat(yb[-1:], pad, axis=0)])
+            if params is not None:
+                if out_shape is None:
+                    out_shape = jax.eval_shape(self.apply_fn, params, xb).shape
+                name = self.loss_name if isinstance(self.loss_name, str) else "callable"
+                check_targets(yb, out_shape, loss=name, label_range=labels)
+            yield xb, yb, np.arange(size) < b, weight
+        if first is None:
+            msg = "the source yielded no batches"
+            raise ValueError(msg)
+
+    def _fold(self, fn: Callable[..., Any], params: Params) -> tuple[Any, int, int]:
+        total, count, n = None, 0, 0
+        for xb, yb, m, w in self.batches(params):
+            out = fn(xb, yb, m)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+            count += w
+            n += int(m.sum())
+        if count == 0:
+            msg = "the source holds no real token (every target is -100 or masked)"
+            raise ValueError(msg)
+        return total, count, n
+
+    def evaluate(self, params: Params) -> dict[str, Array]:
+        """``{"loss", "accuracy"}`` over every example (every real token) of the source."""
+        kw = {"apply_fn": self.apply_fn, "loss": self.loss_name}
+        sums, count, _ = self._fold(lambda xb, yb, m: _stream_sums(params, xb, yb, m, **kw), params)
+        return {k: sums[k] / count for k in ("loss", "accuracy")}
+
+    def loss(self, params: Params) -> Array:
+        """The mean loss over the whole source."""
+        return self.evaluate(params)["loss"]
+
+    def grad(self, params: Params) -> Params:
+        """``∇L(θ)``: per-batch gradients of the masked loss sums, summed, over the normaliser."""
+        kw = {"apply_fn": self.apply_fn, "loss": self.loss_name}
+        g, count, _ = self._fold(lambda xb, yb, m: _stream_grad(params, xb, yb, m, **kw), params)
+        return jax.tree.map(lambda a: a / count, g)
+
+    def hvp(self, params: Params, v: Params) -> Params:
+        """``∇²L(θ) v`` by forward-over-reverse differentiation of each batch (Pearlmutter 1994)."""
+        kw = {"apply_fn": self.apply_fn, "loss": self.loss_name}
+        h, count, _ = self._fold(lambda xb, yb, m: _stream_hvp(params, v, xb, yb, m, **kw), params)
+        return jax.tree.map(lambda a: a / count, h)
+
+    def num_examples(self) -> int:
+        """Number of examples in the source (one pass over it, no model evaluation)."""
+        return sum(int(m.sum()) for _, _, m, _ in self.batches())

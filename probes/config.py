@@ -258,8 +258,10 @@ def dataset_settings(name: str) -> list[str]:
     return ["seed", *[k for k in keys if k != "seed"]] if "key" in params else keys
 
 
-_FILLED = ("in_features", "in_channels", "num_classes")
-"""Model arguments the report fills from the dataset (never set in ``[model]``)."""
+_FILLED = ("in_features", "in_channels", "num_classes", "vocab_size", "context", "image_size", "channels")
+"""Model arguments the report fills from the dataset (never set in ``[model]``): the input size and
+classes of an MLP / CNN, the vocabulary and context of a ``"gpt"`` (from a token dataset), the image
+side, channels and classes of a ``"vit"``."""
 
 
 def model_settings(name: str) -> list[str]:
@@ -433,8 +435,9 @@ def config_markdown() -> str:
             lines += [f"- `{n}`: {', '.join(f'`{k}`' for k in dataset_settings(n)) or '(none)'}" for n in _datasets()]
         if section == "model":
             lines += ["", "Other `[model]` keys are the constructor settings of the chosen model (the report fills "
-                      "`in_features` / `in_channels` and `num_classes` from the dataset; for `mlp`, `widths` are "
-                      "the hidden widths, default `[128, 128]`):", ""]
+                      "`in_features` / `in_channels` and `num_classes` from the dataset, `vocab_size` and `context` "
+                      "of a `gpt` from a token dataset, `image_size`, `channels` and `num_classes` of a `vit`; for "
+                      "`mlp`, `widths` are the hidden widths, default `[128, 128]`):", ""]
             lines += [f"- `{n}`: {', '.join(f'`{k}`' for k in model_settings(n)) or '(none)'}" for n in _models()]
     return "\n".join(lines).strip() + "\n"
 

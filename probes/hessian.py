@@ -26,10 +26,16 @@ of ~45 ms on a 2-core CPU.
 
 Spectra (Lanczos with full reorthogonalisation and early stopping, :mod:`probes.lanczos`; the
 Lanczos residual ``‖C v − λ v‖ = |β_K| |s_K|`` of every Ritz pair), PyHessian's deflated power
-iteration (Yao et al., arXiv:1912.07145) for parity, the trace by Hutchinson and by XTrace
-(Epperly, Tropp & Webber, arXiv:2301.07825) with standard errors, the spectral density by
+iteration (Yao et al., arXiv:1912.07145) for parity, the trace by Hutchinson, by XTrace
+(Epperly, Tropp & Webber, arXiv:2301.07825) and by Hutch++ (Meyer et al., arXiv:2010.09649) with
+standard errors, the spectral density by
 stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, arXiv:1901.10159; Lin, Saad & Yang 2016),
 per-layer blocks, and curvature along paths ``t -> params``.
+
+Params sharded over a mesh (:func:`landscape.sharding.shard_params`) stay sharded through the
+products, Lanczos (the basis is laid out like the params), SLQ, Hutchinson and Hutch++; ``remat=``
+rematerialises the model apply inside every product (:data:`REMAT`); :mod:`probes.memory`
+estimates what a probe needs before it runs (``verbose=True`` prints it). ``docs/scale-out.md``.
 
 Every estimator is jitted once per static setting (``k``, ``num_steps``, ``curvature``, filter,
 probe count) and reused across calls with params of the same shapes.
@@ -61,7 +67,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from matfree import stochtrace
 
-from landscape import tree
+from landscape import sharding, tree
 from landscape._types import Array, Key, Params
 from landscape.objective import Objective
 from probes import lanczos
@@ -72,6 +78,7 @@ __all__ = [
     "PathCurvature",
     "PerLayerResult",
     "PowerIterationResult",
+    "REMAT",
     "Spectrum",
     "TraceResult",
     "along_path",
@@ -94,7 +101,7 @@ CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
 """Accepted values of ``curvature``."""
 
 _WHICH = ("top", "bottom", "both")
-_TRACE_METHODS = ("hutchinson", "xtrace")
+_TRACE_METHODS = ("hutchinson", "xtrace", "hutchpp")
 
 Filter = Callable[[str], bool] | str | None
 
@@ -115,9 +122,18 @@ def _check_params(params: Params) -> None:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             msg = f"params leaf {name!r} has dtype {jnp.result_type(leaf)}; curvature needs float leaves"
             raise ValueError(msg)
-        if not isinstance(leaf, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(leaf)))):
+        if not isinstance(leaf, jax.core.Tracer) and not _all_finite(leaf):
             msg = f"params leaf {name!r} holds non-finite values (NaN or inf)"
             raise ValueError(msg)
+
+
+def _all_finite(leaf: Any) -> bool:
+    """Whether a concrete leaf is all finite; a multi-host global array is reduced on its devices
+    (its values are not all in this process) and only the replicated flag is fetched."""
+    if getattr(leaf, "is_fully_addressable", True):
+        return bool(np.all(np.isfinite(np.asarray(leaf))))
+    rep = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+    return bool(jax.jit(lambda a: jnp.all(jnp.isfinite(a)), out_shardings=rep)(leaf))
 
 
 def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> None:
@@ -192,15 +208,79 @@ def _fisher_output_product(z: Array, v: Array) -> Array:
     return p * (w - jnp.sum(p * w, axis=-1, keepdims=True))
 
 
+REMAT = (None, "full", "dots", "dots_no_batch")
+"""Accepted values of ``remat``: rematerialisation (``jax.checkpoint``) of the model apply inside
+every product. ``None``: none (activations stored for the backward pass). ``"full"``:
+``jax.checkpoint`` with ``nothing_saveable`` — only the apply's inputs are kept and the forward
+pass is recomputed in the backward (and tangent) passes. ``"dots"``: ``dots_saveable`` — matmul
+outputs kept, elementwise intermediates (activations, softmax) recomputed. ``"dots_no_batch"``:
+``dots_with_no_batch_dims_saveable`` — only matmuls without batch dimensions kept (for an MLP,
+almost nothing that scales with the batch)."""
+
+
+def _remat_policy(remat: str) -> Callable[..., bool]:
+    policies = jax.checkpoint_policies
+    return {
+        "full": policies.nothing_saveable,
+        "dots": policies.dots_saveable,
+        "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+    }[remat]
+
+
+def _rematted(apply_fn: Callable, remat: str | None) -> Callable:
+    """``apply_fn`` under ``jax.checkpoint`` with the policy :data:`REMAT` names (itself for None)."""
+    if remat is None:
+        return apply_fn
+    return jax.checkpoint(apply_fn, policy=_remat_policy(remat))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    """Static settings every estimator threads through ``_problem``: the layout of the flat vector
+    (params sharded over a mesh, :func:`landscape.sharding.flat_layout`) and the remat policy."""
+
+    layout: sharding.FlatLayout | None = None
+    remat: str | None = None
+
+
+_PLAIN = _Mode()
+
+
+def _mode(params: Params, select: tuple[bool, ...], remat: str | None) -> _Mode:
+    if remat not in REMAT:
+        msg = f"unknown remat {remat!r}; accepted: {list(REMAT)}"
+        raise ValueError(msg)
+    return _Mode(layout=sharding.flat_layout(params, _num_selected(params, select)), remat=remat)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Problem:
-    flat: Array  # selected parameters, flattened
+    flat: Array  # selected parameters, flattened (zero-padded and sharded under a layout)
     matvec: Callable[[Array], Array]  # flat -> flat product with C_SS, recomputing the primal pass
     linearized: Callable[[], Callable[[Array], Array]]  # the same product with the primal pass hoisted
     residual_bytes: Callable[[], int]  # memory the hoisted product keeps (activations)
     embed: Callable[[Array], Params]  # flat (selected) -> full params tree, zeros elsewhere
     extract: Callable[[Params], Array]  # full params tree -> flat (selected)
     loss: Callable[[], Array]  # full-dataset loss at params
+    size: int = 0  # number of selected parameters n (flat may be padded beyond it)
+    layout: sharding.FlatLayout | None = None
+
+    def lift(self, v: Array) -> Array:
+        """``(..., n)`` vectors to the flat layout (zero-padded, sharded); identity without one."""
+        return v if self.layout is None else self.layout.pad(v)
+
+    def unlift(self, v: Array) -> Array:
+        """``(..., padded)`` back to ``(..., n)``."""
+        return v if self.layout is None else self.layout.unpad(v)
+
+    @property
+    def support(self) -> Array | None:
+        """0/1 mask of the real entries of a padded flat vector (``None`` without padding)."""
+        return None if self.layout is None else self.layout.mask(self.flat.dtype)
+
+    def normal(self, key: Key, shape: tuple[int, ...] = ()) -> Array:
+        """Standard normal ``shape + (n,)`` draws, lifted: the same numbers with or without a layout."""
+        return self.lift(jax.random.normal(key, shape + (self.size,), self.flat.dtype))
 
     def operator(self, linearize: bool | None) -> Callable[[Array], Array]:
         """The product to run many times: hoisted when ``linearize`` (``None``: when it fits
@@ -210,25 +290,39 @@ class _Problem:
         return self.linearized() if linearize else self.matvec
 
 
-def _problem(objective: Objective, params: Params, select: tuple[bool, ...], curvature: str) -> _Problem:
+def _problem(
+    objective: Objective, params: Params, select: tuple[bool, ...], curvature: str, mode: _Mode = _PLAIN
+) -> _Problem:
     leaves, treedef = jax.tree.flatten(params)
     chosen = [x for x, s in zip(leaves, select) if s]
     flat, unravel = ravel_pytree(chosen)
+    size = int(flat.shape[0])
+    layout = mode.layout
     n = objective.num_examples
-    apply_fn, loss_fn = objective.apply_fn, objective.loss_fn
+    apply_fn, loss_fn = _rematted(objective.apply_fn, mode.remat), objective.loss_fn
+
+    def lift(v: Array) -> Array:
+        return v if layout is None else layout.pad(v)
+
+    def leaves_of(sel_flat: Array) -> list[Array]:
+        return list(unravel(sel_flat if layout is None else layout.unpad(sel_flat)))
+
+    def placed(out: list[Array]) -> Params:
+        return jax.tree.unflatten(treedef, out if layout is None else layout.constrain_leaves(out))
+
+    flat = lift(flat)
 
     def full(sel_flat: Array) -> Params:
-        it = iter(unravel(sel_flat))
-        return jax.tree.unflatten(treedef, [next(it) if s else x for x, s in zip(leaves, select)])
+        it = iter(leaves_of(sel_flat))
+        return placed([next(it) if s else x for x, s in zip(leaves, select)])
 
     def embed(sel_flat: Array) -> Params:
-        it = iter(unravel(sel_flat))
-        out = [next(it) if s else jnp.zeros_like(x) for x, s in zip(leaves, select)]
-        return jax.tree.unflatten(treedef, out)
+        it = iter(leaves_of(sel_flat))
+        return placed([next(it) if s else jnp.zeros_like(x) for x, s in zip(leaves, select)])
 
     def extract(p: Params) -> Array:
         ls = jax.tree.leaves(p)
-        return ravel_pytree([x for x, s in zip(ls, select) if s])[0].astype(flat.dtype)
+        return lift(ravel_pytree([x for x, s in zip(ls, select) if s])[0].astype(flat.dtype))
 
     def masked_sum(per: Array, m: Array) -> Array:
         return jnp.sum(jnp.where(m, per, jnp.zeros_like(per)))
@@ -273,7 +367,7 @@ def _problem(objective: Objective, params: Params, select: tuple[bool, ...], cur
 
     def matvec(u: Array) -> Array:
         total = objective.map_batches(lambda xb, yb, m: product(u, xb, yb, m))
-        return (total / n).astype(flat.dtype)
+        return lift((total / n).astype(flat.dtype))
 
     # --- the same products with the primal pass over the whole dataset done once (jax.linearize
     # keeps its residuals: the activations of every batch), for estimators that run many products
@@ -291,15 +385,15 @@ def _problem(objective: Objective, params: Params, select: tuple[bool, ...], cur
     def linearized() -> Callable[[Array], Array]:
         z, lin = jax.linearize(primal, flat)
         if curvature == "hessian":
-            return lambda u: (lin(u) / n).astype(flat.dtype)
+            return lambda u: lift((lin(u) / n).astype(flat.dtype))
         transpose = jax.linear_transpose(lin, flat)
         if curvature == "empirical_fisher":
-            return lambda u: (transpose(lin(u))[0] / n).astype(flat.dtype)
+            return lambda u: lift((transpose(lin(u))[0] / n).astype(flat.dtype))
 
         def hz(ju: Array) -> Array:  # the per-batch output products, over the stacked batches
             return jax.vmap(output_product)(z, ys, ms, ju).astype(z.dtype)
 
-        return lambda u: (transpose(hz(lin(u)))[0] / n).astype(flat.dtype)
+        return lambda u: lift((transpose(hz(lin(u)))[0] / n).astype(flat.dtype))
 
     def residual_bytes() -> int:
         shapes = jax.eval_shape(lambda f: jax.linearize(primal, f)[1], flat)
@@ -310,7 +404,7 @@ def _problem(objective: Objective, params: Params, select: tuple[bool, ...], cur
 
     return _Problem(
         flat=flat, matvec=matvec, linearized=linearized, residual_bytes=residual_bytes, embed=embed,
-        extract=extract, loss=loss,
+        extract=extract, loss=loss, size=size, layout=layout,
     )
 
 
@@ -321,6 +415,7 @@ def curvature_vp(
     *,
     curvature: str = "hessian",
     filter: Filter = None,
+    remat: str | None = None,
 ) -> Params:
     """Product ``C v`` of a curvature matrix of the full-dataset loss with a params-shaped vector.
 
@@ -331,19 +426,27 @@ def curvature_vp(
         curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"`` (module docs).
         filter: restrict to the block ``C_SS`` of the leaves it selects (callable on the leaf name
             or a regex); ``None`` keeps every leaf.
+        remat: rematerialise the model apply inside the product (:data:`REMAT`): the same
+            product with less memory per batch and more compute.
+
+    Params whose leaves are ``NamedSharding``-sharded (:func:`landscape.sharding.shard_params`)
+    stay sharded: the flattened vectors are laid out over the params' mesh axis
+    (:class:`landscape.sharding.FlatLayout`) and the result's leaves carry the params' shardings.
 
     Returns:
         ``C v`` as a params tree, zero outside the selected leaves. Jittable.
     """
     select = _prepare(objective, params, curvature, filter)
     tree.check_match(params, v, names=("params", "v"))
-    prob = _problem(objective, params, select, curvature)
+    prob = _problem(objective, params, select, curvature, _mode(params, select, remat))
     return prob.embed(prob.matvec(prob.extract(v)))
 
 
-def hvp(objective: Objective, params: Params, v: Params, *, filter: Filter = None) -> Params:
+def hvp(
+    objective: Objective, params: Params, v: Params, *, filter: Filter = None, remat: str | None = None
+) -> Params:
     """Hessian-vector product ``∇²L(θ) v`` (forward-over-reverse), see :func:`curvature_vp`."""
-    return curvature_vp(objective, params, v, curvature="hessian", filter=filter)
+    return curvature_vp(objective, params, v, curvature="hessian", filter=filter, remat=remat)
 
 
 def ggn_vp(objective: Objective, params: Params, v: Params, *, filter: Filter = None) -> Params:
@@ -506,9 +609,10 @@ class TraceResult:
     Attributes:
         estimate: the trace estimate.
         stderr: its standard error (Hutchinson: sample std / √m; XTrace: std of the leave-one-out
-            estimates / √m, as in Epperly et al.); zero when the trace was computed exactly.
-        samples: ``(m,)`` per-probe estimates (Hutchinson quadratic forms, XTrace leave-one-out
-            estimates).
+            estimates / √m, as in Epperly et al.; Hutch++: std of the ``g`` deflated estimates / √g,
+            conditional on the sketch); zero when the trace was computed exactly.
+        samples: per-probe estimates (Hutchinson quadratic forms, XTrace leave-one-out
+            estimates, ``(g,)`` Hutch++ estimates ``tr(QᵀCQ) + g_i'ᵀ C g_i'``).
         finite: whether estimate, error and loss are finite.
         num_matvecs: products used.
         method, curvature: the settings.
@@ -770,10 +874,17 @@ def _lanczos(
 ) -> lanczos.Tridiagonal:
     """At most ``num_steps`` Lanczos steps with full reorthogonalisation from a Gaussian start."""
     k_start, k_restart = jax.random.split(key)
-    v0 = jax.random.normal(k_start, prob.flat.shape, prob.flat.dtype)
+    v0 = prob.normal(k_start)
     return lanczos.tridiagonalize(
-        k_restart, prob.operator(linearize), v0, num_steps, stop=stop, min_steps=min_steps
+        k_restart, prob.operator(linearize), v0, num_steps, stop=stop, min_steps=min_steps, support=prob.support
     )
+
+
+def _print_estimate(objective: Objective, params: Params, **settings: Any) -> None:
+    """Print the memory estimate of a probe about to start (``verbose=True``)."""
+    from probes import memory  # probes.memory builds on this module
+
+    memory.estimate(objective, params, verbose=True, **settings)
 
 
 def _floor(theta: Array, resid: Array) -> Array:
@@ -812,6 +923,8 @@ def eigenvalues(
     vectors: bool = False,
     tol: float = 1e-3,
     linearize: bool | None = None,
+    remat: str | None = None,
+    verbose: bool = False,
 ) -> Spectrum:
     """Extreme eigenvalues of a curvature matrix by Lanczos with full reorthogonalisation.
 
@@ -842,6 +955,14 @@ def eigenvalues(
         tol: relative residual for ``converged`` (and for stopping when ``num_steps=None``).
         linearize: hoist the primal pass out of the products (stores the dataset's activations);
             ``None`` does so when that takes at most :data:`LINEARIZE_BYTES`.
+        remat: rematerialisation of the model apply in every product (:data:`REMAT`); with
+            ``linearize=False`` memory is that of one batch under that policy.
+        verbose: print :func:`probes.memory.estimate` for these settings before starting.
+
+    Params sharded over a mesh axis (:func:`landscape.sharding.shard_params`) keep the Lanczos
+    basis sharded like them: the ``(K, n)`` basis is laid out ``P(None, axis)`` on the
+    zero-padded flat vector (:class:`landscape.sharding.FlatLayout`), eigenvectors come back with
+    the params' shardings, and the start vector is the same draw as unsharded.
 
     Returns:
         A :class:`Spectrum`. Non-finite products (e.g. a NaN loss) give NaN eigenvalues and
@@ -870,21 +991,27 @@ def eigenvalues(
         steps = _default_max_steps(k_total, n) if max_steps is None else max_steps
         _check_int("max_steps", steps, low=k_total, high=n, what=f" (k={k}, which={which!r}, n={n})")
         stop = (k, which, float(tol))
+    if verbose:
+        _print_estimate(objective, params, probe="eigenvalues", k=k, which=which, num_steps=steps,
+                        curvature=curvature, filter=filter, linearize=linearize, remat=remat)
     return _eig_impl(
         key, objective, params, k=k, which=which, num_steps=steps, stop=stop, curvature=curvature,
         select=select, vectors=bool(vectors), tol=float(tol), linearize=linearize,
+        mode=_mode(params, select, remat),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "stop", "curvature", "select", "linearize", "vectors"))
+@functools.partial(
+    jax.jit, static_argnames=("num_steps", "stop", "curvature", "select", "linearize", "vectors", "mode")
+)
 def _lanczos_impl(
     key: Key, objective: Objective, params: Params, *, num_steps: int, stop: tuple | None, curvature: str,
-    select: tuple[bool, ...], linearize: bool | None, vectors: bool,
+    select: tuple[bool, ...], linearize: bool | None, vectors: bool, mode: _Mode = _PLAIN,
 ) -> tuple[Array, Array, Array | None, Array, Array, Array, Array]:
     """The compiled part of :func:`eigenvalues`; with a fixed ``num_steps`` it is shared by every
     ``k``, ``which`` and ``tol``. The basis is returned only for ``vectors``: as an output of the
     compiled loop it costs ~15 ms a step on the 301k-parameter MLP (2-core CPU), even unused."""
-    prob = _problem(objective, params, select, curvature)
+    prob = _problem(objective, params, select, curvature, mode)
     rule, min_steps = None, 1
     if stop is not None:
         k, which, tol = stop
@@ -899,17 +1026,18 @@ def _lanczos_impl(
 def _eig_impl(
     key: Key, objective: Objective, params: Params, *, k: int, which: str, num_steps: int, stop: tuple | None,
     curvature: str, select: tuple[bool, ...], vectors: bool, tol: float, linearize: bool | None,
+    mode: _Mode = _PLAIN,
 ) -> Spectrum:
     theta, S, Q, res, steps, restarts, loss = _lanczos_impl(
         key, objective, params, num_steps=num_steps, stop=stop, curvature=curvature, select=select,
-        linearize=linearize, vectors=vectors,
+        linearize=linearize, vectors=vectors, mode=mode,
     )
     idx = _wanted(steps, k, which)
     vals, resid = theta[idx], res[idx]
     converged = _converged(theta, res, steps, k=k, which=which, tol=tol) & jnp.isfinite(loss)
     vecs = None
     if vectors:
-        embed = _problem(objective, params, select, curvature).embed
+        embed = _problem(objective, params, select, curvature, mode).embed
         vecs = jax.vmap(embed)(S[:, idx].T @ Q)
     return Spectrum(
         eigenvalues=vals, residuals=resid, eigenvectors=vecs, converged=converged, loss=loss,
@@ -928,6 +1056,7 @@ def power_iteration(
     curvature: str = "hessian",
     filter: Filter = None,
     linearize: bool | None = None,
+    remat: str | None = None,
 ) -> PowerIterationResult:
     """PyHessian's deflated power iteration (Yao et al., arXiv:1912.07145), for parity.
 
@@ -936,7 +1065,7 @@ def power_iteration(
     ``λ' = vᵀ w``, ``v = w / ‖w‖``; stop when ``|λ − λ'| / (|λ| + 1e-6) < tol`` and report the
     previous estimate ``λ`` (exactly PyHessian ``hessian.eigenvalues``). It finds the eigenvalues
     of largest *magnitude* and is accurate only to about ``tol``; prefer :func:`eigenvalues`.
-    ``linearize`` as in :func:`eigenvalues`.
+    ``linearize``, ``remat`` and sharded params as in :func:`eigenvalues`.
 
     Returns:
         A :class:`PowerIterationResult`.
@@ -947,23 +1076,22 @@ def power_iteration(
     _check_int("max_iter", max_iter, low=1)
     return _power_impl(
         key, objective, params, k=k, max_iter=max_iter, tol=float(tol), curvature=curvature, select=select,
-        linearize=linearize,
+        linearize=linearize, mode=_mode(params, select, remat),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("k", "max_iter", "tol", "curvature", "select", "linearize"))
+@functools.partial(jax.jit, static_argnames=("k", "max_iter", "tol", "curvature", "select", "linearize", "mode"))
 def _power_impl(
     key: Key, objective: Objective, params: Params, *, k: int, max_iter: int, tol: float,
-    curvature: str, select: tuple[bool, ...], linearize: bool | None,
+    curvature: str, select: tuple[bool, ...], linearize: bool | None, mode: _Mode = _PLAIN,
 ) -> PowerIterationResult:
-    prob = _problem(objective, params, select, curvature)
+    prob = _problem(objective, params, select, curvature, mode)
     matvec = prob.operator(linearize)
-    n = prob.flat.shape[0]
     dtype = prob.flat.dtype
-    found = jnp.zeros((k, n), dtype)
+    found = prob.lift(jnp.zeros((k, prob.size), dtype))
     vals, resids, iters, convs = [], [], [], []
     for i, ki in enumerate(jax.random.split(key, k)):
-        v = jax.random.normal(ki, (n,), dtype)
+        v = prob.normal(ki)
         v = v / jnp.linalg.norm(v)
         prev = found[:i]
 
@@ -1010,6 +1138,8 @@ def trace(
     filter: Filter = None,
     probe_chunk: int = 16,
     linearize: bool | None = None,
+    remat: str | None = None,
+    verbose: bool = False,
 ) -> TraceResult:
     """Stochastic trace of a curvature matrix with its standard error.
 
@@ -1021,15 +1151,32 @@ def trace(
       Hutchinson correction, averaged over leave-one-out splits; ``2m`` products, much smaller
       error for spectra with a few large eigenvalues. Needs ``m <= n``; with ``2m >= n`` it
       forms the matrix (``n`` products) and the trace is exact.
+    * ``"hutchpp"`` (Hutch++, Meyer, Musco, Musco & Woodruff, arXiv:2010.09649, Algorithm 1):
+      ``m`` products in all. ``k = ⌊m/3⌋`` Rademacher sketch vectors ``S``, ``Q = qr(C S)``;
+      ``g = m − 2k`` Rademacher probes ``G`` projected off ``Q``, ``G' = (I − QQᵀ) G``. Then
+
+      .. math::  \\hat t = \\operatorname{tr}(Qᵀ C Q) + \\tfrac1g \\sum_i g_i'^ᵀ C g_i'
+
+      — exact low-rank part plus Hutchinson on the deflated remainder; unbiased, variance
+      ``O(1/m²)`` against Hutchinson's ``O(1/m)`` for spectra dominated by a few large
+      eigenvalues, and exact (up to rounding) when ``rank C <= k``. ``samples`` are
+      ``tr(QᵀCQ) + g_i'ᵀ C g_i'``; the standard error is their std / √g (conditional on the
+      sketch). Needs ``m >= 4`` (a sketch and two probes) and ``k <= n``.
+
+    Params sharded over a mesh (:func:`landscape.sharding.shard_params`): the Hutchinson and
+    Hutch++ probes (and the Hutch++ sketch ``Q``) are laid out like the params on the zero-padded
+    flat vector — the same probe draws as unsharded. XTrace goes through matfree, whose
+    estimator depends on the vector length ``n`` (it ravels its samples into ``(n, m)``), so it
+    runs on the unpadded ``n``-vectors and the partitioner chooses their layout.
 
     Args:
         key: typed PRNG key for the probes.
         objective, params: the loss and the point.
-        method: ``"hutchinson"`` or ``"xtrace"``.
-        num_probes: ``m >= 2``.
+        method: ``"hutchinson"``, ``"xtrace"`` or ``"hutchpp"``.
+        num_probes: ``m >= 2`` (``"hutchpp"``: ``m >= 4``, the number of products).
         curvature, filter: as in :func:`eigenvalues`.
         probe_chunk: Hutchinson probes evaluated together (memory vs speed).
-        linearize: as in :func:`eigenvalues`.
+        linearize, remat, verbose: as in :func:`eigenvalues`.
 
     Returns:
         A :class:`TraceResult`; ``finite=False`` on non-finite products or loss.
@@ -1037,36 +1184,70 @@ def trace(
     select = _prepare(objective, params, curvature, filter)
     _check_choice("method", method, _TRACE_METHODS)
     n = _num_selected(params, select)
-    high = n if method == "xtrace" else None
-    _check_int("num_probes", num_probes, low=2, high=high, what=f" (n={n}, method={method!r})")
+    high = {"xtrace": n, "hutchpp": 3 * n}.get(method)
+    low = 4 if method == "hutchpp" else 2
+    _check_int("num_probes", num_probes, low=low, high=high, what=f" (n={n}, method={method!r})")
     _check_int("probe_chunk", probe_chunk, low=1)
+    if verbose:
+        _print_estimate(objective, params, probe="trace", method=method, num_probes=num_probes,
+                        curvature=curvature, filter=filter, linearize=linearize, remat=remat)
     return _trace_impl(
         key, objective, params, method=method, num_probes=num_probes, curvature=curvature,
         select=select, probe_chunk=min(probe_chunk, num_probes), linearize=linearize,
+        mode=_mode(params, select, remat),
     )
 
 
+def _hutchpp(
+    key: Key, matvec: Callable[[Array], Array], lift: Callable[[Array], Array], n: int, dtype: Any, m: int,
+    chunk: int,
+) -> tuple[Array, Array]:
+    """Hutch++ (arXiv:2010.09649, Alg. 1) with ``m`` products: ``(samples (g,), low-rank trace)``.
+
+    ``lift`` maps ``(..., n)`` vectors to the operator's layout (identity, or the zero-padded
+    sharded flat vector); the sketch and probes are drawn on the ``n`` real entries.
+    """
+    k = m // 3
+    g = m - 2 * k
+    k_s, k_g = jax.random.split(key)
+    sketch = lift(jax.random.rademacher(k_s, (k, n), dtype))
+    probes = lift(jax.random.rademacher(k_g, (g, n), dtype))
+    y = jax.lax.map(matvec, sketch, batch_size=min(chunk, k))  # (k, n): rows C s_j
+    q, _ = jnp.linalg.qr(y.T)  # (n, k); zero rows stay zero on padding (Householder)
+    qt = lift(q.T)
+    low = jnp.sum(qt * jax.lax.map(matvec, qt, batch_size=min(chunk, k)))
+    deflated = probes - (probes @ qt.T) @ qt  # (I − QQᵀ) g_i as rows
+    forms = jnp.sum(deflated * jax.lax.map(matvec, deflated, batch_size=min(chunk, g)), axis=-1)
+    return low + forms, low
+
+
 @functools.partial(
-    jax.jit, static_argnames=("method", "num_probes", "curvature", "select", "probe_chunk", "linearize")
+    jax.jit, static_argnames=("method", "num_probes", "curvature", "select", "probe_chunk", "linearize", "mode")
 )
 def _trace_impl(
     key: Key, objective: Objective, params: Params, *, method: str, num_probes: int, curvature: str,
-    select: tuple[bool, ...], probe_chunk: int, linearize: bool | None,
+    select: tuple[bool, ...], probe_chunk: int, linearize: bool | None, mode: _Mode = _PLAIN,
 ) -> TraceResult:
-    prob = _problem(objective, params, select, curvature)
+    prob = _problem(objective, params, select, curvature, mode)
     matvec = prob.operator(linearize)
-    n = prob.flat.shape[0]
+    n = prob.size
+    template = jnp.zeros((n,), prob.flat.dtype)  # probes are drawn on the n real entries
     if method == "hutchinson":
         integrand = stochtrace.monte_carlo_trace()
-        probes = stochtrace.sampler_signs(prob.flat, num=num_probes)(key)
+        probes = prob.lift(stochtrace.sampler_signs(template, num=num_probes)(key))
         samples = jax.lax.map(lambda v: integrand(matvec, v), probes, batch_size=probe_chunk)
         est = jnp.mean(samples)
         se = jnp.std(samples, ddof=1) / jnp.sqrt(num_probes)
         used = num_probes
+    elif method == "hutchpp":
+        samples, _ = _hutchpp(key, matvec, prob.lift, n, prob.flat.dtype, num_probes, probe_chunk)
+        est = jnp.mean(samples)
+        se = jnp.std(samples, ddof=1) / jnp.sqrt(samples.shape[0])
+        used = num_probes
     else:
         integrand = stochtrace.leave_one_out_xtrace()
-        probes = stochtrace.sampler_sphere(prob.flat, num=num_probes)(key)
-        samples = integrand(matvec, probes)
+        probes = stochtrace.sampler_sphere(template, num=num_probes)(key)
+        samples = integrand(lambda u: prob.unlift(matvec(prob.lift(u))), probes)
         est = jnp.mean(samples)
         se = jnp.std(samples) / jnp.sqrt(num_probes)
         used = n if 2 * num_probes >= n else 2 * num_probes
@@ -1093,6 +1274,8 @@ def density(
     negative_tol: float = 1e-3,
     reorthogonalize: bool = True,
     linearize: bool | None = None,
+    remat: str | None = None,
+    verbose: bool = False,
 ) -> DensityResult:
     """Spectral density by stochastic Lanczos quadrature (Ghorbani et al., arXiv:1901.10159).
 
@@ -1116,7 +1299,8 @@ def density(
             plain three-term recurrence: cheaper per step, and the quadrature stays valid (ghost
             copies of converged nodes split their weight; Knizhnerman 1996, Ubaru, Chen & Saad
             2017), but single nodes no longer stand for single eigenvalues.
-        linearize: as in :func:`eigenvalues`.
+        linearize, remat, verbose: as in :func:`eigenvalues` (sharded params: each probe's Lanczos basis
+            is sharded like them, and the probes are the same draws as unsharded).
 
     Returns:
         A :class:`DensityResult` (``.plot()`` draws the log-scale density).
@@ -1141,11 +1325,14 @@ def density(
     if not (isinstance(negative_tol, (int, float)) and negative_tol >= 0):
         msg = f"negative_tol must be a float >= 0, got {negative_tol!r}"
         raise ValueError(msg)
+    if verbose:
+        _print_estimate(objective, params, probe="density", num_steps=num_steps, num_probes=num_probes,
+                        curvature=curvature, filter=filter, linearize=linearize, remat=remat)
     return _density_impl(
         key, objective, params, grid_arg, sigma=None if sigma is None else float(sigma),
         negative_tol=float(negative_tol),
         num_probes=num_probes, num_steps=num_steps, num_grid=num_grid, curvature=curvature, select=select,
-        reorthogonalize=bool(reorthogonalize), linearize=linearize,
+        reorthogonalize=bool(reorthogonalize), linearize=linearize, mode=_mode(params, select, remat),
     )
 
 
@@ -1153,12 +1340,16 @@ def _slq(
     prob: _Problem, key: Key, num_probes: int, num_steps: int, reorthogonalize: bool, linearize: bool | None
 ) -> tuple[Array, Array]:
     k_probes, k_restart = jax.random.split(key)
-    probes = stochtrace.sampler_signs(prob.flat, num=num_probes)(k_probes)
+    template = jnp.zeros((prob.size,), prob.flat.dtype)
+    probes = prob.lift(stochtrace.sampler_signs(template, num=num_probes)(k_probes))
     matvec = prob.operator(linearize)
+    support = prob.support
 
     def one(args: tuple[Array, Array]) -> tuple[Array, Array]:
         v, kr = args
-        tri = lanczos.tridiagonalize(kr, matvec, v, num_steps, reorthogonalize=reorthogonalize)
+        tri = lanczos.tridiagonalize(
+            kr, matvec, v, num_steps, reorthogonalize=reorthogonalize, support=support
+        )
         theta, S, _ = lanczos.ritz(tri)
         return theta, S[0, :] ** 2
 
@@ -1173,15 +1364,15 @@ def _slq(
     jax.jit,
     static_argnames=(
         "sigma", "negative_tol", "num_probes", "num_steps", "num_grid", "curvature", "select", "reorthogonalize",
-        "linearize",
+        "linearize", "mode",
     ),
 )
 def _density_impl(
     key: Key, objective: Objective, params: Params, grid: Array | None, *, sigma: float | None, negative_tol: float,
     num_probes: int, num_steps: int, num_grid: int, curvature: str, select: tuple[bool, ...], reorthogonalize: bool,
-    linearize: bool | None,
+    linearize: bool | None, mode: _Mode = _PLAIN,
 ) -> DensityResult:
-    prob = _problem(objective, params, select, curvature)
+    prob = _problem(objective, params, select, curvature, mode)
     nodes, weights = _slq(prob, key, num_probes, num_steps, reorthogonalize, linearize)
     lo, hi = jnp.min(nodes), jnp.max(nodes)
     span = hi - lo
@@ -1201,7 +1392,7 @@ def _density_impl(
     finite = jnp.all(jnp.isfinite(nodes)) & jnp.isfinite(prob.loss())
     return DensityResult(
         nodes=nodes, weights=weights, grid=grid, density=dens, sigma=sig, negative_mass=neg,
-        finite=finite, dim=int(prob.flat.shape[0]), curvature=curvature,
+        finite=finite, dim=prob.size, curvature=curvature,
     )
 
 
@@ -1311,6 +1502,7 @@ def along_path(
     curvature: str = "hessian",
     filter: Filter = None,
     linearize: bool | None = None,
+    remat: str | None = None,
 ) -> PathCurvature:
     """Top eigenvalues and trace at points ``θ(t)`` of any path ``t -> params``.
 
@@ -1335,11 +1527,11 @@ def along_path(
         k1, k2 = jax.random.split(ki)
         spec = eigenvalues(
             k1, objective, p, k=k, which="top", num_steps=num_steps, curvature=curvature, filter=filter,
-            linearize=linearize,
+            linearize=linearize, remat=remat,
         )
         est = trace(
             k2, objective, p, method=method, num_probes=num_probes, curvature=curvature, filter=filter,
-            linearize=linearize,
+            linearize=linearize, remat=remat,
         )
         tops.append(spec.eigenvalues)
         res.append(spec.residuals)

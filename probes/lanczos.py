@@ -166,6 +166,7 @@ def tridiagonalize(
     reorthogonalize: bool = True,
     stop: Callable[[Array, Array, Array], Array] | None = None,
     min_steps: int = 1,
+    support: Array | None = None,
 ) -> Tridiagonal:
     """At most ``num_steps`` Lanczos steps on ``matvec`` from ``v0`` (normalised here).
 
@@ -179,6 +180,9 @@ def tridiagonalize(
         stop: optional ``stop(theta, residuals, j) -> bool`` evaluated after every step ``j >=
             min_steps`` on the current Ritz decomposition (:func:`ritz`); ``True`` ends the loop.
         min_steps: the fewest steps before ``stop`` is consulted.
+        support: optional ``(n,)`` 0/1 mask the restart vectors are multiplied by, so that an
+            operator living on part of the vector (a zero-padded, sharded flat vector,
+            :class:`landscape.sharding.FlatLayout`) never sees the padding.
 
     Returns:
         A :class:`Tridiagonal`. Jittable; the loop is a ``lax.while_loop`` (not reverse-mode
@@ -193,6 +197,8 @@ def tridiagonalize(
 
     def restart_vector(Q: Array, j: Array) -> Array:
         r = jax.random.normal(jax.random.fold_in(key, j), (n,), dtype)
+        if support is not None:
+            r = r * support
         r = _pass(Q, _pass(Q, r, j, chunk), j, chunk)
         norm = jnp.linalg.norm(r)
         return jnp.where(norm > 0, r / jnp.where(norm > 0, norm, 1), jnp.zeros_like(r))

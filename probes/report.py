@@ -39,7 +39,7 @@ from probes.curves import PathResult, interpolate
 from probes.numerics import json_safe
 from probes.plot import COLORS, figure_html, path_figure
 
-__all__ = ["SCHEMA_VERSION", "Context", "Section", "TrainedModel", "run_report"]
+__all__ = ["SCHEMA_VERSION", "Context", "Section", "TrainedModel", "is_token_dataset", "run_report"]
 
 SCHEMA_VERSION = 1
 
@@ -72,6 +72,8 @@ class Context:
     models: list[TrainedModel]
     key: jax.Array
     log: Callable[[str], None]
+    loss: str = "cross_entropy"
+    """The objectives' and the Trainer's loss: ``"next_token"`` on token data (see :func:`is_token_dataset`)."""
     cache: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Results shared between sections (e.g. the aligned model and fitted curve for the surfaces)."""
 
@@ -102,10 +104,75 @@ class Section:
 
 
 # ---------------------------------------------------------------------------- setup
+TOKEN_MODELS = ("gpt",)
+"""Zoo models that read token ids (``(N, T)`` int) and need a token dataset."""
+
+TRANSFORMER_MODELS = ("gpt", "vit")
+"""Zoo transformers: their taps are layer inputs only, so activation matching reads the traced spec's
+units (:class:`landscape.align.TracedModel`), and REPAIR is skipped (:data:`TRANSFORMER_SKIPPED_METHODS`)."""
+
+TOKEN_SKIPPED = {
+    "convexity": "mode convexity (FGE basin sampling) is switched off on token data in this version",
+    "determinism": "instability analysis is switched off on token data in this version",
+    "directedness": "task vectors and merges are built for image classification (class splits, permuted pixels); "
+                    "tasks from the corpus's source files (landscape.data.file_subset) are not wired into the "
+                    "report yet",
+}
+"""Sections a report on token data does not run, with the note shown in their place (HTML and
+``results.json``): never a crash, never a silent omission."""
+
+TRANSFORMER_SKIPPED_METHODS = {
+    "repair": "REPAIR needs one layer to fold each unit group's correction into; a transformer's residual-stream "
+              "group is written by every block (embeddings, attention and MLP outputs, norms), so the "
+              "weight-matched line is not REPAIRed",
+}
+"""Connectivity methods skipped on a transformer, with the reason recorded."""
+
+
+def is_token_dataset(dataset: Any) -> bool:
+    """Whether ``dataset`` is next-token data: a :class:`~landscape.data.TextDataset`, or integer
+    targets ``(N, T)`` of the inputs' shape (one next-token id, or ``IGNORE_INDEX``, per position).
+
+    Decided from the data, never from the model name: the objectives then use ``loss="next_token"``.
+    """
+    if isinstance(dataset, data_lib.TextDataset):
+        return True
+    x, y = dataset.train
+    return (not isinstance(x, dict) and np.ndim(y) == 2 and np.shape(y) == np.shape(x)
+            and np.issubdtype(np.asarray(y).dtype, np.integer))
+
+
+def _image_geometry(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(side, channels)`` of square images with inputs of ``shape`` (NHWC, HW or flattened rows)."""
+    if len(shape) == 3 and shape[0] == shape[1]:
+        return int(shape[0]), int(shape[2])
+    if len(shape) == 2 and shape[0] == shape[1]:
+        return int(shape[0]), 1
+    if len(shape) == 1 and math.isqrt(int(shape[0])) ** 2 == int(shape[0]):
+        return math.isqrt(int(shape[0])), 1
+    msg = f"model 'vit' needs square images, got dataset {name!r} with inputs of shape {shape}"
+    raise ValueError(msg)
+
+
 def _model_kwargs(config: ReportConfig, dataset: Any) -> dict[str, Any]:
     opts = dict(config.model.options)
     shape = tuple(dataset.input_shape)
-    if config.model.name == "mlp":
+    name, data_name = config.model.name, config.data.name
+    tokens = is_token_dataset(dataset)
+    if name in TOKEN_MODELS:
+        if not tokens:
+            msg = (f"model {name!r} needs a token dataset (next-token ids (N, T), e.g. 'stdlib_text' or "
+                   f"'text_files'), got dataset {data_name!r} with inputs of shape {shape}")
+            raise ValueError(msg)
+        return {"vocab_size": int(dataset.num_classes), "context": int(shape[-1]), **opts}
+    if tokens:
+        msg = (f"model {name!r} does not read token ids: dataset {data_name!r} holds next-token sequences of shape "
+               f"{shape}; use model {TOKEN_MODELS[0]!r}")
+        raise ValueError(msg)
+    if name == "vit":
+        side, channels = _image_geometry(data_name, shape)
+        return {"image_size": side, "channels": channels, "num_classes": dataset.num_classes, **opts}
+    if name == "mlp":
         hidden = list(opts.pop("widths", [128, 128]))
         return {"in_features": int(math.prod(shape)), "widths": (*hidden, dataset.num_classes), **opts}
     return {"in_channels": int(shape[-1]), "num_classes": dataset.num_classes, **opts}
@@ -150,7 +217,12 @@ def _trainer(config: ReportConfig, dataset: Any, apply_fn: Any) -> Trainer:
         tc.optimizer, learning_rate=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay,
         schedule=tc.schedule, total_steps=tc.epochs * (len(x) // tc.batch_size),
     )
-    return Trainer(apply_fn, x, y, optimizer=optimizer, batch_size=tc.batch_size)
+    return Trainer(apply_fn, x, y, optimizer=optimizer, batch_size=tc.batch_size, loss=_loss(dataset))
+
+
+def _loss(dataset: Any) -> str:
+    """``"next_token"`` on token data (mean over real tokens), ``"cross_entropy"`` otherwise."""
+    return "next_token" if is_token_dataset(dataset) else "cross_entropy"
 
 
 def _train_member(
@@ -234,6 +306,13 @@ def models_section(ctx: Context) -> Section:
     header = ["model", "init seed", "data seed", "train loss", "train acc", "test loss", "test acc",
               "train s", "source"]
     body = _table(header, rows) + figure_html(fig)
+    if ctx.loss == "next_token":
+        meta = getattr(ctx.dataset, "metadata", {})
+        body = ("<p>Token data: loss is the next-token cross-entropy averaged over real (non-ignored) tokens, "
+                "accuracy the token accuracy over the same tokens" + (
+                    f"; corpus {html.escape(', '.join(meta['files']))} (Python {html.escape(meta['python_version'])}, "
+                    f"sha256 <code>{html.escape(meta['sha256'][:16])}…</code>)" if "sha256" in meta else "")
+                + ".</p>" + body)
     return Section("models", "Models", body, {"members": results})
 
 
@@ -278,6 +357,14 @@ def connectivity_section(ctx: Context) -> Section:
 
     full = ctx.level("connectivity") == "full"
     methods = [m for m in CONNECTIVITY_METHODS if not (m == "repair" and ctx.config.model.name == "resnet")]
+    transformer = ctx.config.model.name in TRANSFORMER_MODELS
+    skipped = dict(TRANSFORMER_SKIPPED_METHODS) if transformer else {}
+    methods = [m for m in methods if m not in skipped]
+    extra: dict[str, Any] = {}
+    if transformer:  # transformer taps are layer inputs only: activations come from the traced spec
+        from landscape import align
+
+        extra["apply_fn"] = align.TracedModel(ctx.apply_fn, ctx.apply_fn.spec)
     members = ctx.models if full else ctx.models[:2]
     idx = list(range(0, len(members) - 1, 2 if not full else 1))
     pairs = [(members[i].params, members[i + 1].params) for i in idx]
@@ -285,7 +372,7 @@ def connectivity_section(ctx: Context) -> Section:
     res = connectivity(
         ctx.section_key("connectivity"), ctx.objective("train", members[0]), pairs,
         eval_objectives={"test": ctx.objective("test", members[0])}, methods=methods,
-        num=25 if full else 13, curve_steps=2000 if full else 300, singular_k=10, states=bn_states,
+        num=25 if full else 13, curve_steps=2000 if full else 300, singular_k=10, states=bn_states, **extra,
     )
     ctx.cache["connectivity"] = res
     table = res.table()
@@ -295,6 +382,15 @@ def connectivity_section(ctx: Context) -> Section:
             rows.append([m, split, st["loss_barrier"]["mean"], st["loss_barrier"]["std"],
                          st["error_barrier"]["mean"], st["midpoint_accuracy"]["mean"]])
     d = res.to_dict()
+    d["skipped_methods"] = skipped
+    notes = "".join(f"<p class='note'>{html.escape(m)} skipped: {html.escape(why)}.</p>" for m, why in skipped.items())
+    if transformer:
+        notes += ("<p class='note'>Transformer: the permutation spec is traced through attention (heads; queries and "
+                  "keys share one permutation per head, values and the output projection another; one residual-stream "
+                  "permutation across blocks; embeddings and a tied unembedding follow it), and activation matching "
+                  "reads the traced units' activations (over all tokens of a sequence model).</p>")
+    if ctx.loss == "next_token":
+        notes += "<p class='note'>Token data: barriers are in next-token loss and token error.</p>"
     intro = (
         f"<p>{len(pairs)} pair(s) of independently initialised models. <b>weight_matching</b>: B permuted to A "
         "(Ainsworth et al. 2022); <b>activation_matching</b>: correlation of z-scored activations (Tatro et al. "
@@ -305,7 +401,7 @@ def connectivity_section(ctx: Context) -> Section:
         f"{_fmt(d['singular_mean_after']['mean'])} after the permutation (Ito et al. 2024).</p>"
     )
     header = ["method", "split", "loss barrier", "± std", "error barrier", "acc at t=½"]
-    body = intro + _table(header, rows)
+    body = intro + notes + _table(header, rows)
     for split in ("train", "test"):
         body += figure_html(res.plot(split=split, title=f"connectivity paths ({split})"))
     return Section("connectivity", "Connectivity", body, d)
@@ -466,6 +562,19 @@ def directedness_section(ctx: Context) -> Section:
     return Section("directedness", "Directedness and merging", body + figure_html(res.plot()), d)
 
 
+def _skipped_section(name: str, note: str) -> Callable[[Context], Section]:
+    """A section that does not run on this data: its place in the page and ``results.json`` holds ``note``."""
+    titles = {"convexity": "Mode convexity", "determinism": "Mode determinism",
+              "directedness": "Directedness and merging"}
+
+    def section(ctx: Context) -> Section:
+        del ctx
+        body = f"<p class='note'>Not run on token data: {html.escape(note)}.</p>"
+        return Section(name, titles.get(name, name), body, {"skipped": True, "note": note})
+
+    return section
+
+
 SECTIONS: tuple[tuple[str, Callable[[Context], Section]], ...] = (
     ("models", models_section),
     ("interpolation", interpolation_section),
@@ -557,14 +666,18 @@ def run_report(
 
     xt, yt = dataset.train
     xs, ys = dataset.test
+    loss = _loss(dataset)
     ctx = Context(
         config=config, out=out, dataset=dataset, apply_fn=apply_fn,
-        train_objective=Objective(apply_fn, xt, yt, batch_size=512),
-        test_objective=Objective(apply_fn, xs, ys, batch_size=512),
-        models=members, key=jax.random.key(config.seed), log=log,
+        train_objective=Objective(apply_fn, xt, yt, batch_size=512, loss=loss),
+        test_objective=Objective(apply_fn, xs, ys, batch_size=512, loss=loss),
+        models=members, key=jax.random.key(config.seed), log=log, loss=loss,
     )
     sections: list[Section] = []
     todo = [(name, fn) for name, fn in SECTIONS if not (name in OPTIONAL_SECTIONS and ctx.level(name) == "off")]
+    if ctx.loss == "next_token":
+        todo = [(name, _skipped_section(name, TOKEN_SKIPPED[name]) if name in TOKEN_SKIPPED else fn)
+                for name, fn in todo]
     for number, (name, fn) in enumerate(todo, 1):
         if show:
             print(f"landscape: [{number}/{len(todo)}] section {name} ...", file=sys.stderr, flush=True)
@@ -579,9 +692,14 @@ def run_report(
         "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
         "total_seconds": timings["total"],
     }
+    notes = [{"section": s.id, "note": s.results["note"]} for s in sections if s.results.get("skipped")]
+    notes += [{"section": "connectivity", "method": m, "note": why}
+              for s in sections if s.id == "connectivity" for m, why in s.results.get("skipped_methods", {}).items()]
     results = {
         "schema_version": SCHEMA_VERSION,
         "meta": meta,
+        "loss": loss,
+        "notes": notes,
         "config": config.to_dict(),
         "dataset": dataset.to_dict() if hasattr(dataset, "to_dict") else {"name": config.data.name},
         "sections": {s.id: s.results for s in sections},

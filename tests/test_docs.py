@@ -12,7 +12,7 @@ PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
 FRAGMENTS = {
     # Pages whose blocks still use names defined only in the surrounding prose (objective, apply_fn, ...).
     # Make each self-contained, then remove it from this set.
-    "convexity.md", "curvature.md", "determinism.md", "merging.md", "ot-fusion.md", "surfaces.md",
+    "convexity.md", "curvature.md", "determinism.md", "merging.md", "surfaces.md",
 }
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 

@@ -29,6 +29,13 @@ Equinox), from :func:`landscape.align.activations` on its trace, keyed by the sp
 ``"pre"``. For a residual stream (one permutation shared by a ResNet stage) the zoo's tap is the
 stage's last residual output.
 
+**Attention heads** (a spec with ``blocks``): each layer's blockwise groups are matched together
+with one head permutation, as in weight matching (:func:`~landscape.align.weight_matching.blockwise_assignment`
+on the similarity matrices: a head pair scores the best within-head matching of its units, summed
+over the layer's groups; Verma & Elbayad 2024, arXiv:2403.00986). The statistics of queries and
+keys pool the query and key projections' outputs (every token of both counts as a sample); those of
+values / output projection are the concatenated heads the output projection reads.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -55,7 +62,7 @@ from scipy.optimize import linear_sum_assignment
 
 from landscape._types import Array, Params
 from landscape.align.spec import Permutation, PermutationSpec
-from landscape.align.weight_matching import check_inputs
+from landscape.align.weight_matching import _coordinates, blockwise_assignment, check_inputs
 from landscape.objective import Objective
 
 __all__ = ["ACTIVATION_METHODS", "ActivationMatchingInfo", "activation_matching", "cross_statistics"]
@@ -262,7 +269,7 @@ def activation_matching(
         raise ValueError(msg)
     from landscape.align.trace import with_activations
 
-    apply_fn = with_activations(objective.apply_fn if apply_fn is None else apply_fn, spec)
+    apply_fn = with_activations(objective.apply_fn if apply_fn is None else apply_fn, spec, params=a, x=objective.x[:1])
     intermediates_fn(apply_fn, "activation_matching")
     sizes = spec.sizes(a)
     shapes = jax.eval_shape(lambda p, x: apply_fn.intermediates(p, x, kind=kind), a, objective.x[:1])
@@ -279,16 +286,26 @@ def activation_matching(
     corr_after: dict[str, float] = {}
     corr_before: dict[str, float] = {}
     objective_reached: dict[str, float] = {}
+    corrs: dict[str, np.ndarray] = {}
+    sims: dict[str, np.ndarray] = {}
     for n in spec.names:
         s = {k: np.asarray(v, np.float64) for k, v in stats[n].items()}
         sd_a, sd_b = np.sqrt(np.maximum(s["var_a"], 0)), np.sqrt(np.maximum(s["var_b"], 0))
-        corr = s["cov"] / np.outer(sd_a + eps, sd_b + eps)
-        sim = corr if method == "correlation" else s["cov"] + np.outer(s["mean_a"], s["mean_b"])
-        rows, cols = linear_sum_assignment(sim, maximize=True)
-        perm[n] = jnp.asarray(cols, jnp.int32)
-        corr_after[n] = float(np.mean(corr[rows, cols]))
-        corr_before[n] = float(np.mean(np.diag(corr)))
-        objective_reached[n] = float(sim[rows, cols].sum())
+        corrs[n] = s["cov"] / np.outer(sd_a + eps, sd_b + eps)
+        sims[n] = corrs[n] if method == "correlation" else s["cov"] + np.outer(s["mean_a"], s["mean_b"])
+    for group in _coordinates(spec):
+        if group[0] in spec.blocks:  # attention heads: one head permutation for the layer's groups
+            cols_all, _ = blockwise_assignment(
+                [sims[n] for n in group], spec.blocks[group[0]][1], [spec.blocks[n][2] for n in group]
+            )
+        else:
+            cols_all = [linear_sum_assignment(sims[group[0]], maximize=True)[1]]
+        for n, cols in zip(group, cols_all):
+            rows = np.arange(cols.shape[0])
+            perm[n] = jnp.asarray(cols, jnp.int32)
+            corr_after[n] = float(np.mean(corrs[n][rows, cols]))
+            corr_before[n] = float(np.mean(np.diag(corrs[n])))
+            objective_reached[n] = float(sims[n][rows, cols].sum())
     info = ActivationMatchingInfo(
         method=method,
         kind=kind,

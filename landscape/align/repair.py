@@ -24,7 +24,13 @@ params pytree with the same structure (the reference's ``fuse_conv_bn`` step):
 
 :func:`repair_layers` finds these layers from the permutation spec; a residual stream (one
 permutation written by several layers plus identity skips) has no single layer to fold into and
-is rejected by name (pass ``layers=`` without it). The statistics are exact: population mean and
+is rejected by name (pass ``layers=`` without it), unless ``shared="layers"``: then the stream is
+corrected at every normalisation point that writes it — each LayerNorm / BatchNorm on it, keyed by
+the norm's path (``"blocks/0/ln1"``), measured at that norm's output
+(:func:`landscape.align.trace.layer_outputs`) — which is what Jordan et al. do for ResNets (every
+BatchNorm) and what "REPAIR with LayerNorm statistics" means on a transformer (every LayerNorm of
+the residual stream; attention queries and keys, which have two producers and no norm, are
+corrected at each projection's output). A scale-only RMSNorm cannot take a shift and is skipped. The statistics are exact: population mean and
 standard deviation over every example (and spatial position) of the dataset, accumulated with
 :meth:`~landscape.Objective.map_batches` with padded rows masked. Layers are corrected in forward
 order and the merged model's statistics of each layer are recomputed after correcting the earlier
@@ -59,7 +65,7 @@ from landscape import tree
 from landscape._types import Array, Params
 from landscape.align.activation_matching import _rows, intermediates_fn
 from landscape.align.spec import PermutationSpec, check_spec
-from landscape.align.trace import trace_spec, with_activations
+from landscape.align.trace import LayerOutputs, trace_spec, with_activations
 from landscape.objective import Objective
 
 __all__ = ["repair", "repair_layers", "reset", "unit_statistics"]
@@ -152,8 +158,11 @@ def unit_statistics(
     return _unit_moments_jit(objective, params, names, kind)
 
 
+_SHARED = ("error", "layers")
+
+
 def repair_layers(
-    spec: PermutationSpec, params: Params, *, names: Sequence[str] | None = None
+    spec: PermutationSpec, params: Params, *, names: Sequence[str] | None = None, shared: str = "error"
 ) -> dict[str, tuple[str, str]]:
     """For each unit group, the ``(scale leaf, shift leaf)`` that produce its pre-activation.
 
@@ -167,12 +176,24 @@ def repair_layers(
         spec: the permutation spec (checked against ``params``).
         params: the params (only shapes are read).
         names: the groups to resolve; default all of ``spec.names``.
+        shared: what to do with a group that has no single producer (a residual stream, the
+            queries and keys of attention): ``"error"`` (default) raises; ``"layers"`` corrects
+            each of its normalisation points instead — one entry per norm layer writing the group
+            (LayerNorm / BatchNorm with ``scale`` and ``bias``: every LayerNorm of a transformer's
+            residual stream, every norm of a ResNet stage), keyed by the norm's parent path (e.g.
+            ``"blocks/0/ln1"``), or, when the group has no norm (queries and keys), one entry per
+            producing dense layer with a 1-D bias (``"blocks/0/attn/query"``). Producers without
+            a shift (embeddings, a scale-only RMSNorm) are left alone. Such entries are measured at
+            the layer's output (:func:`landscape.align.trace.layer_outputs`).
 
     Raises:
         ValueError: naming the group and its producing leaves when it has no unique producer
             (e.g. a ResNet residual stream ``P_stage0``, written by several layers and identity
             skips, or a layer without a bias).
     """
+    if shared not in _SHARED:
+        msg = f"unknown shared={shared!r}; accepted: {list(_SHARED)}"
+        raise ValueError(msg)
     check_spec(spec, params)
     leaves = dict(tree.named_leaves(params))
     names = spec.names if names is None else tuple(names)
@@ -200,6 +221,13 @@ def repair_layers(
             if jnp.ndim(leaves[g["bias"]]) == 1:
                 out[n] = (weight, g["bias"])
                 continue
+        if shared == "layers":
+            chosen = norms or [g for g in plain if "bias" in g and len(g) == 2 and jnp.ndim(leaves[g["bias"]]) == 1]
+            for g in chosen:
+                scale = g["scale"] if g in norms else next(p for k, p in g.items() if k != "bias")
+                out[g["bias"].rpartition("/")[0]] = (scale, g["bias"])
+            if chosen:
+                continue
         producers = sorted(p for g in groups.values() for p in g.values())
         msg = (
             f"unit group {n!r} has no single layer to fold a REPAIR correction into: its output "
@@ -209,6 +237,24 @@ def repair_layers(
         )
         raise ValueError(msg)
     return out
+
+
+def layer_taps(
+    apply_fn: Any, spec: PermutationSpec | None, layers: Mapping[str, tuple[str, str]], *, params: Params | None = None, x: Any = None
+) -> Any:
+    """The model whose ``intermediates(kind="pre")`` measure every entry of ``layers``.
+
+    When every key is a group of ``spec`` this is :func:`landscape.align.with_activations` (the
+    zoo's taps or the traced groups); when some key is a layer (``repair_layers(...,
+    shared="layers")``, e.g. a transformer's LayerNorms) it is a
+    :class:`~landscape.align.trace.LayerOutputs` over the trace, in forward order.
+    """
+    spec = spec if isinstance(spec, PermutationSpec) else None
+    names = set(spec.names) if spec is not None else set(getattr(getattr(apply_fn, "spec", None), "names", ()))
+    if all(k in names for k in layers):
+        return with_activations(apply_fn, spec, params=params, x=x)
+    base = getattr(apply_fn, "apply_fn", apply_fn) if isinstance(apply_fn, LayerOutputs) else apply_fn
+    return LayerOutputs(base, tuple(sorted((k, tuple(v)) for k, v in layers.items())), spec)
 
 
 def check_layers(layers: Mapping[str, tuple[str, str]], params: Params) -> None:
@@ -249,6 +295,7 @@ def repair(
     layers: Mapping[str, tuple[str, str]] | None = None,
     eps: float = 0.0,
     batch_size: int = 512,
+    shared: str = "error",
 ) -> Params:
     """REPAIR ``merged`` (the model at ``t`` between ``a`` and aligned ``b``): renormalise every unit.
 
@@ -271,6 +318,10 @@ def repair(
             (0 by default so the endpoints are fixed points; a unit with zero variance only has
             its mean shifted).
         batch_size: batch size when an array is given.
+        shared: for the default layers (:func:`repair_layers`): ``"layers"`` corrects a group
+            without a single producer — a residual stream (ResNet stage, transformer) or attention
+            queries / keys — at each of its normalisation points (every norm writing it, measured at
+            the norm's output) or producing projections; ``"error"`` (default) rejects it.
 
     Returns:
         The repaired params, same structure, shapes and dtypes as ``merged``.
@@ -298,10 +349,10 @@ def repair(
         if not isinstance(spec, PermutationSpec):
             msg = "repair needs spec= (or an apply_fn with a .spec, or layers=) to find the layers to correct"
             raise ValueError(msg)
-        layers = repair_layers(spec, merged)
+        layers = repair_layers(spec, merged, shared=shared)
     else:
         check_layers(layers, merged)
-    apply_fn = with_activations(apply_fn, spec if isinstance(spec, PermutationSpec) else None)
+    apply_fn = layer_taps(apply_fn, spec, layers, params=merged, x=objective.x[:1])
     objective = objective.replace(apply_fn=apply_fn)
     tapped = _tapped(apply_fn, merged, objective.x, "pre")
     for n, (scale_path, bias_path) in layers.items():
@@ -315,6 +366,8 @@ def repair(
                 msg = f"leaf {p!r} has shape {jnp.shape(leaves[p])} but group {n!r} has {width} units (last axis)"
                 raise ValueError(msg)
     order = tuple(n for n in tapped if n in layers)
+    if isinstance(apply_fn, LayerOutputs):
+        order = apply_fn.order(merged, objective.x[:1])
 
     stats_a = _unit_moments_jit(objective, a, order, "pre")
     stats_b = _unit_moments_jit(objective, b, order, "pre")

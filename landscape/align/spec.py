@@ -20,6 +20,22 @@ old unit ``perm[name][i]`` along every axis tagged ``name``:
 call it. Non-trainable state (BatchNorm running mean / variance) has its own entries,
 ``state_axes``, applied with :func:`apply_state`.
 
+**Blockwise groups (attention heads).** The query / key / value projections of multi-head attention
+write an axis of ``H·Dh`` units that the model reshapes to ``(H, Dh)``. Its symmetries are not all
+permutations of ``H·Dh`` units but the blockwise ones: a permutation ``σ`` of the heads, shared by
+every such axis of the layer, composed with a permutation ``τ_h`` of the ``Dh`` units inside each
+head (Verma & Elbayad 2024, arXiv:2403.00986). ``blocks={name: (heads, Dh, inner)}`` marks the
+group ``name`` (still an ordinary 1-D permutation of ``H·Dh`` units in a :data:`Permutation`, so
+:func:`apply`, :func:`invert` and :func:`compose` act on it unchanged) as having that structure,
+
+.. math::  p_{\\text{name}}[h·D_h + d] = σ_{\\text{heads}}[h]·D_h + τ_h[d],
+
+where every group with the same ``heads`` label shares ``σ`` and ``inner`` is ``"free"`` (each
+group its own ``τ_h`` per head) or ``"fixed"`` (``τ_h`` the identity: rotary queries and keys,
+whose coordinate pairs must stay together). The ``heads`` labels are not permutation names of
+their own (no parameter axis carries them). :func:`random_permutation` draws, and
+:func:`apply` (on concrete values) requires, permutations with this structure.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from landscape import align
@@ -53,12 +69,15 @@ __all__ = [
     "PermutationSpec",
     "apply",
     "apply_state",
+    "assemble_blocks",
+    "check_blocks",
     "check_permutation",
     "check_spec",
     "compose",
     "identity",
     "invert",
     "random_permutation",
+    "split_blocks",
 ]
 
 Permutation = dict[str, Array]
@@ -90,6 +109,39 @@ def _freeze(table: Mapping[str, Any], what: str) -> Mapping[str, tuple[str | Non
     return MappingProxyType(dict(sorted(out.items())))
 
 
+INNER_MODES = ("free", "fixed")
+"""Accepted ``inner`` values of a blockwise group: a permutation inside each block, or the identity."""
+
+
+def _freeze_blocks(table: Any, names: set[str]) -> Mapping[str, tuple[str, int, str]]:
+    if not isinstance(table, Mapping):
+        msg = f"PermutationSpec.blocks must be a mapping name -> (heads, block size, inner), got {type(table).__name__}"
+        raise ValueError(msg)
+    out: dict[str, tuple[str, int, str]] = {}
+    for name, entry in table.items():
+        if name not in names:
+            msg = f"PermutationSpec.blocks names {name!r}, which no parameter axis uses; names: {sorted(names)}"
+            raise ValueError(msg)
+        if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+            msg = f"PermutationSpec.blocks[{name!r}] must be (heads label, block size, inner), got {entry!r}"
+            raise ValueError(msg)
+        heads, size, inner = entry
+        if not isinstance(heads, str) or heads in names:
+            msg = (
+                f"PermutationSpec.blocks[{name!r}] heads label must be a str that is not a permutation "
+                f"name, got {heads!r}"
+            )
+            raise ValueError(msg)
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            msg = f"PermutationSpec.blocks[{name!r}] block size must be a positive int, got {size!r}"
+            raise ValueError(msg)
+        if inner not in INNER_MODES:
+            msg = f"PermutationSpec.blocks[{name!r}] inner must be one of {list(INNER_MODES)}, got {inner!r}"
+            raise ValueError(msg)
+        out[name] = (heads, int(size), inner)
+    return MappingProxyType(dict(sorted(out.items())))
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class PermutationSpec:
     """Which permutation acts on which axis of every parameter (and state) leaf.
@@ -100,6 +152,9 @@ class PermutationSpec:
             spec and a params tree can be checked against each other.
         state_axes: the same for non-trainable state (BatchNorm ``mean`` / ``var``); ``{}`` when
             the model has none. Every name used here must also be used in ``axes``.
+        blocks: ``{name: (heads label, block size, inner)}`` for blockwise groups (attention
+            heads, module docstring); ``{}`` (default) when every group is an unconstrained
+            permutation.
 
     The spec is immutable and hashable (usable as a static argument of ``jax.jit``).
 
@@ -111,11 +166,13 @@ class PermutationSpec:
 
     axes: Mapping[str, tuple[str | None, ...]]
     state_axes: Mapping[str, tuple[str | None, ...]]
+    blocks: Mapping[str, tuple[str, int, str]]
 
     def __init__(
         self,
         axes: Mapping[str, tuple[str | None, ...]],
         state_axes: Mapping[str, tuple[str | None, ...]] | None = None,
+        blocks: Mapping[str, tuple[str, int, str]] | None = None,
     ) -> None:
         frozen = _freeze(axes, "axes")
         frozen_state = _freeze({} if state_axes is None else state_axes, "state_axes")
@@ -130,17 +187,31 @@ class PermutationSpec:
                     raise ValueError(msg)
         object.__setattr__(self, "axes", frozen)
         object.__setattr__(self, "state_axes", frozen_state)
+        object.__setattr__(self, "blocks", _freeze_blocks({} if blocks is None else blocks, param_names))
 
     def __hash__(self) -> int:
-        return hash((tuple(self.axes.items()), tuple(self.state_axes.items())))
+        return hash((tuple(self.axes.items()), tuple(self.state_axes.items()), tuple(self.blocks.items())))
 
     def __repr__(self) -> str:
-        return f"PermutationSpec(axes={dict(self.axes)}, state_axes={dict(self.state_axes)})"
+        extra = f", blocks={dict(self.blocks)}" if self.blocks else ""
+        return f"PermutationSpec(axes={dict(self.axes)}, state_axes={dict(self.state_axes)}{extra})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
             return NotImplemented
-        return dict(self.axes) == dict(other.axes) and dict(self.state_axes) == dict(other.state_axes)
+        return (
+            dict(self.axes) == dict(other.axes)
+            and dict(self.state_axes) == dict(other.state_axes)
+            and dict(self.blocks) == dict(other.blocks)
+        )
+
+    @property
+    def heads(self) -> dict[str, tuple[str, ...]]:
+        """``{heads label: (blockwise group names sharing its head permutation, sorted)}``."""
+        out: dict[str, list[str]] = {}
+        for n, (h, _, _) in self.blocks.items():
+            out.setdefault(h, []).append(n)
+        return {h: tuple(sorted(v)) for h, v in sorted(out.items())}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -165,15 +236,18 @@ class PermutationSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: ``{"axes": {path: [name|None, ...]}, "state_axes": {...}}``."""
-        return {
+        out: dict[str, Any] = {
             "axes": {k: list(v) for k, v in self.axes.items()},
             "state_axes": {k: list(v) for k, v in self.state_axes.items()},
         }
+        if self.blocks:
+            out["blocks"] = {k: list(v) for k, v in self.blocks.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PermutationSpec:
         """Inverse of :meth:`to_dict`."""
-        return cls(data["axes"], data.get("state_axes", {}))
+        return cls(data["axes"], data.get("state_axes", {}), {k: tuple(v) for k, v in data.get("blocks", {}).items()})
 
 
 def check_spec(
@@ -262,6 +336,29 @@ def check_spec(
                 )
                 raise ValueError(msg)
             seen.setdefault(n, (shape[ax], path, ax))
+    if part == "params":
+        _check_block_sizes(spec, {n: v[0] for n, v in seen.items()})
+
+
+def _check_block_sizes(spec: PermutationSpec, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Each blockwise group's size must be a multiple of its block size, and the groups sharing a
+    heads label must have the same number of blocks; returns ``{heads label: number of heads}``."""
+    heads: dict[str, tuple[int, str]] = {}
+    for n, (h, b, _) in spec.blocks.items():
+        if n not in sizes:
+            continue
+        if sizes[n] % b:
+            msg = f"blockwise group {n!r} has {sizes[n]} units, not a multiple of its block size {b}"
+            raise ValueError(msg)
+        count = sizes[n] // b
+        if h in heads and heads[h][0] != count:
+            msg = (
+                f"groups {heads[h][1]!r} and {n!r} share the heads {h!r} but have {heads[h][0]} and "
+                f"{count} blocks"
+            )
+            raise ValueError(msg)
+        heads.setdefault(h, (count, n))
+    return {h: c for h, (c, _) in heads.items()}
 
 
 def _check_function(
@@ -294,11 +391,21 @@ def _check_function(
     if state is not None:
         check_spec(spec, state_tree, part="state")
     key = jax.random.key(0) if key is None else key
-    perm = random_permutation(key, spec, params)
-    perm = {
+    sizes = spec.sizes(params)
+    heads, inner = _draw(key, spec, sizes)
+    flat = {n: p for n, p in heads.items() if n in sizes}
+    flat = {
         n: (jnp.roll(p, 1) if p.shape[0] > 1 and bool(jnp.all(p == jnp.arange(p.shape[0]))) else p)
-        for n, p in perm.items()
+        for n, p in flat.items()
     }
+    heads = {**heads, **flat}
+    for h in spec.heads:  # no head permutation and no within-head permutation left at the identity
+        if heads[h].shape[0] > 1 and bool(jnp.all(heads[h] == jnp.arange(heads[h].shape[0]))):
+            heads[h] = jnp.roll(heads[h], 1)
+    for n, t in inner.items():
+        if spec.blocks[n][2] == "free" and t.shape[1] > 1 and bool(jnp.all(t == jnp.arange(t.shape[1]))):
+            inner[n] = jnp.roll(t, 1, axis=1)
+    perm = _assemble(spec, sizes, heads, inner)
     permuted = apply(spec, perm, params)
     permuted_state = apply_state(spec, perm, state_tree) if state is not None else state_tree
     name = getattr(apply_fn, "__qualname__", type(apply_fn).__name__)
@@ -412,7 +519,74 @@ def apply(spec: PermutationSpec, perm: Permutation, params: Params) -> Params:
     check_spec(spec, params)
     check_permutation(perm, names=spec.names)
     _check_sizes(_sizes_of(spec.axes, params), perm)
+    check_blocks(spec, perm)
     return _permute(spec.axes, perm, params)
+
+
+def check_blocks(spec: PermutationSpec, perm: Permutation) -> None:
+    """Raise ``ValueError`` unless every blockwise group of ``perm`` has the structure of ``spec.blocks``.
+
+    ``p[h·B + d] = σ[h]·B + τ_h[d]``: each block of ``B`` new units comes from one old block, the
+    groups sharing a heads label take their blocks from the same old heads (one ``σ``), and with
+    ``inner="fixed"`` the units inside a block keep their order. Checked on concrete values only
+    (skipped under ``jax.jit`` / ``jax.vmap``, like :func:`check_permutation`).
+    """
+    sigma: dict[str, tuple[np.ndarray, str]] = {}
+    for n, (h, b, inner) in spec.blocks.items():
+        p = perm.get(n)
+        if p is None or isinstance(p, jax.core.Tracer):
+            continue
+        arr = np.asarray(p)
+        if arr.shape[0] % b:
+            msg = f"permutation {n!r} has {arr.shape[0]} units, not a multiple of its block size {b}"
+            raise ValueError(msg)
+        rows = arr.reshape(-1, b)
+        old = rows // b
+        if not np.all(old == old[:, :1]):
+            bad = int(np.argmax(~np.all(old == old[:, :1], axis=1)))
+            msg = (
+                f"permutation {n!r} is not blockwise: its block {bad} (units {bad * b}..{bad * b + b - 1}) "
+                f"takes units from several old blocks {sorted(set(old[bad].tolist()))}; a head must stay a head"
+            )
+            raise ValueError(msg)
+        if inner == "fixed" and not np.all(rows % b == np.arange(b)):
+            msg = f"permutation {n!r} permutes units inside a block, but the spec fixes them (inner='fixed')"
+            raise ValueError(msg)
+        s = old[:, 0]
+        if h in sigma and not np.array_equal(sigma[h][0], s):
+            msg = (
+                f"permutations {sigma[h][1]!r} and {n!r} share the heads {h!r} but move the heads "
+                f"differently ({sigma[h][0].tolist()} vs {s.tolist()})"
+            )
+            raise ValueError(msg)
+        sigma.setdefault(h, (s, n))
+
+
+def split_blocks(spec: PermutationSpec, perm: Permutation) -> tuple[dict[str, Array], dict[str, Array]]:
+    """``(σ per heads label, τ per blockwise group as an (H, B) array)`` of a blockwise permutation
+    (the inverse of :func:`assemble_blocks`; jittable)."""
+    heads: dict[str, Array] = {}
+    inner: dict[str, Array] = {}
+    for n, (h, b, _) in spec.blocks.items():
+        rows = jnp.reshape(perm[n], (-1, b))
+        heads.setdefault(h, rows[:, 0] // b)
+        inner[n] = rows % b
+    return heads, inner
+
+
+def assemble_blocks(spec: PermutationSpec, heads: Mapping[str, Array], inner: Mapping[str, Array]) -> dict[str, Array]:
+    """The flat permutation of every blockwise group, ``p[h·B + d] = σ[h]·B + τ[h, d]``.
+
+    Args:
+        spec: the spec with ``blocks``.
+        heads: ``{heads label: σ (H,)}``.
+        inner: ``{group: τ (H, B)}`` (the identity rows for ``inner="fixed"`` groups).
+    """
+    out = {}
+    for n, (h, b, _) in spec.blocks.items():
+        sigma = jnp.asarray(heads[h], jnp.int32)
+        out[n] = (sigma[:, None] * b + jnp.asarray(inner[n], jnp.int32)).reshape(-1)
+    return out
 
 
 def apply_state(spec: PermutationSpec, perm: Permutation, state: Params) -> Params:
@@ -467,10 +641,41 @@ def identity(spec: PermutationSpec, params: Params) -> Permutation:
 
 
 def random_permutation(key: Key, spec: PermutationSpec, params: Params) -> Permutation:
-    """A uniformly random permutation of every group, one subkey per name in sorted order."""
+    """A uniformly random permutation of every group, one subkey per name in sorted order.
+
+    A blockwise group (``spec.blocks``) is drawn uniformly among the blockwise permutations: one
+    random head permutation per heads label (subkeys after the names'), and with ``inner="free"``
+    an independent random permutation inside each block.
+    """
     sizes = spec.sizes(params)
-    keys = jax.random.split(key, max(len(sizes), 1))
-    return {
-        n: jax.random.permutation(k, s).astype(jnp.int32)
-        for k, (n, s) in zip(keys, sorted(sizes.items()))
-    }
+    heads, inner = _draw(key, spec, sizes)
+    return _assemble(spec, sizes, heads, inner)
+
+
+def _draw(key: Key, spec: PermutationSpec, sizes: Mapping[str, int]) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Random components: ``({name or heads label: perm}, {blockwise group: τ (H, B)})``."""
+    head_counts = _check_block_sizes(spec, sizes)
+    labels = sorted(head_counts)
+    keys = jax.random.split(key, max(len(sizes) + len(labels), 1))
+    out: dict[str, Array] = {}
+    inner: dict[str, Array] = {}
+    for k, (n, s) in zip(keys, sorted(sizes.items())):
+        if n in spec.blocks:
+            _, b, mode = spec.blocks[n]
+            if mode == "free":
+                inner[n] = jnp.argsort(jax.random.uniform(k, (s // b, b)), axis=1)  # uniform per block
+            else:
+                inner[n] = jnp.broadcast_to(jnp.arange(b), (s // b, b))
+            inner[n] = inner[n].astype(jnp.int32)
+        else:
+            out[n] = jax.random.permutation(k, s).astype(jnp.int32)
+    for k, h in zip(keys[len(sizes) :], labels):
+        out[h] = jax.random.permutation(k, head_counts[h]).astype(jnp.int32)
+    return out, inner
+
+
+def _assemble(
+    spec: PermutationSpec, sizes: Mapping[str, int], parts: Mapping[str, Array], inner: Mapping[str, Array]
+) -> Permutation:
+    flat = assemble_blocks(spec, parts, inner)
+    return {n: (flat[n] if n in flat else parts[n]) for n in sorted(sizes)}

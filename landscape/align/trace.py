@@ -19,12 +19,23 @@ intermediate value a node, and joins nodes that must carry the same permutation 
   not window; ``cond`` and ``scan`` are followed into their bodies, and ``jit`` / ``custom_jvp`` /
   ``custom_vjp`` / ``remat`` calls are inlined.
 
+* multi-head attention: a ``reshape`` splitting a unit axis of ``H·Dh`` units into ``(H, Dh)`` (and
+  the merge back before the output projection) gives a *blockwise* group (``PermutationSpec.blocks``:
+  a head permutation shared by the layer's queries / keys / values / output rows, composed with a
+  permutation inside each head; Verma & Elbayad 2024, arXiv:2403.00986) when the heads and
+  within-head axes are not mixed and every op on the within-head axis is batched over heads (the
+  ``q·k`` and weights·``v`` contractions are). Queries and keys share their within-head
+  permutation (their ``Dh`` axes are contracted), as do values and the output projection's rows.
+  Rotary positions (slices / concatenates along ``Dh``, or tables built from ``iota``) fix the
+  order inside query / key heads (``inner="fixed"``); heads stay permutable. A lookup into a
+  parameter by token ids (``gather``: embeddings) fixes the indexed (vocabulary) axis.
+
 Axes of the inputs and outputs, the spatial axes of conv kernels and the axes a structured op
 produces (pooling windows, iota) are *fixed*. Every remaining class of joined axes that holds a
 parameter axis is one permutation group, named ``P_0, P_1, ...`` in the order the forward pass
 first touches it (for chains this is the zoo's own naming; :func:`match_names` renames a traced
 spec to a reference's names). Where an op mixes the entries along a unit axis so that no
-permutation survives (a ``reshape`` merging or splitting a unit axis — e.g. flattening an
+permutation survives (any other ``reshape`` merging or splitting a unit axis — e.g. flattening an
 ``(N, H, W, C)`` map into a dense layer, where the permutation would repeat per position, which a
 :class:`PermutationSpec` cannot express —, a ``concatenate`` along units, ``gather`` / ``sort`` /
 ``cumsum`` / ``argmax`` / pooling along units, a closed-over constant array combined with the units,
@@ -70,8 +81,10 @@ from landscape.tree import named_leaves
 __all__ = [
     "ACTIVATION_KINDS",
     "LayerInputs",
+    "LayerOutputs",
     "TracedModel",
     "activations",
+    "layer_outputs",
     "match_names",
     "rename",
     "trace_spec",
@@ -225,6 +238,7 @@ class _Nodes:
         self.state: list[list[tuple[str, int]]] = []
         self.seen: list[float] = []
         self.used: list[bool] = []
+        self.leaf: set[int] = set()  # the axes of the params / state leaves themselves
 
     def new(self, size: int, *, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
@@ -270,11 +284,28 @@ class _Nodes:
         self.used[r] = True
 
 
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """A reshape between one axis of ``B·H``-style size and two axes ``(outer, inner)`` (row-major:
+    flat index ``o·|inner| + i``): the head split / merge of multi-head attention."""
+
+    flat: int  # node of the flat axis
+    outer: int  # node of the outer (head) axis
+    inner: int  # node of the inner (within-head) axis
+    merge: bool  # True: (outer, inner) -> flat; False: flat -> (outer, inner)
+    where: tuple[int, str]
+    value: int  # the flat value id (the reshape's input for a split, its output for a merge)
+    top: bool = True  # in the top-level jaxpr (value ids of cond / scan bodies are their own)
+
+
 @dataclasses.dataclass
 class _Analysis:
     nodes: _Nodes
     axes: dict[int, tuple[int, ...]]  # value id -> node per axis
     counter: list[int]
+    splits: list[_Split] = dataclasses.field(default_factory=list)
+    tables: list[dict[int, tuple[int, ...]]] = dataclasses.field(default_factory=list)  # sub-jaxpr axes
+    top: bool = True
 
 
 def _shape(aval: Any) -> tuple[int, ...]:
@@ -367,6 +398,10 @@ def _analyse_eqns(an: _Analysis, flat: _Flat) -> None:  # noqa: C901 - one dispa
                 for ga, gb in groups:
                     if len(ga) == 1 and len(gb) == 1:
                         _join(an, ins[0][ga[0]], out[gb[0]])
+                    elif len(ga) == 1 and len(gb) == 2:  # head split, resolved in _resolve_splits
+                        an.splits.append(_Split(ins[0][ga[0]], out[gb[0]], out[gb[1]], False, where, e.ins[0], an.top))
+                    elif len(ga) == 2 and len(gb) == 1:  # head merge
+                        an.splits.append(_Split(out[gb[0]], ins[0][ga[0]], ins[0][ga[1]], True, where, e.outs[0], an.top))
                     else:
                         brk([ins[0][i] for i in ga])
                         for j in gb:
@@ -466,6 +501,9 @@ def _analyse_eqns(an: _Analysis, flat: _Flat) -> None:  # noqa: C901 - one dispa
                     full = d not in p["dimensions"]
                 if full:
                     _join(an, ins[0][d], out[d])
+                elif ins[0][d] in nodes.leaf and prim != "rev":
+                    nodes.fix(ins[0][d])  # part of a parameter read by index (positions[:T]): fixed
+                    nodes.fix(out[d])
                 else:
                     brk([ins[0][d]])
                     nodes.fix(out[d])
@@ -529,7 +567,14 @@ def _analyse_eqns(an: _Analysis, flat: _Flat) -> None:  # noqa: C901 - one dispa
                 else:
                     brk([op[d]])
                     nodes.fix(out[od])
-            brk([op[d] for d in range(len(op)) if d not in kept])
+            for d in range(len(op)):
+                if d not in kept:
+                    # a lookup into a parameter (token embedding): its indexed axis is the input's
+                    # vocabulary, fixed; gathering hidden units of an activation mixes them
+                    if op[d] in nodes.leaf:
+                        nodes.fix(op[d])
+                    else:
+                        brk([op[d]])
             batch_out = [d for d in range(len(oshape)) if d not in dn.offset_dims]
             for od, n in zip(batch_out, idx[:-1]):
                 _join(an, n, out[od])
@@ -573,7 +618,8 @@ def _analyse_sub(an: _Analysis, closed: Any, in_axes: Sequence[tuple[int, ...]])
     if isinstance(closed, jcore.Jaxpr):
         closed = jcore.ClosedJaxpr(closed, [])
     flat = _flatten(closed)
-    sub = _Analysis(an.nodes, {}, an.counter)
+    sub = _Analysis(an.nodes, {}, an.counter, an.splits, an.tables, top=False)
+    an.tables.append(sub.axes)
     for i, ax in zip(flat.invars, in_axes):
         sub.axes[i] = tuple(ax)
     _seed_consts(sub, flat)
@@ -594,6 +640,102 @@ def _seed_consts(an: _Analysis, flat: _Flat) -> None:
 
 def _describe(aval: Any) -> str:
     return f"{getattr(aval, 'dtype', '?')}{list(_shape(aval))}"
+
+
+# ---------------------------------------------------------------------------------- head splits
+def _resolve_splits(an: _Analysis) -> dict[int, tuple[int, int]]:
+    """Decide which head splits / merges are blockwise symmetries; ``{flat root: (outer root, inner root)}``.
+
+    A reshape of a unit axis ``F`` of size ``H·B`` into ``(H, B)`` (or back) keeps a symmetry when
+    the permutation of ``F`` is blockwise, ``σ[h]·B + τ_h[d]``: the outer class (heads) and the inner
+    class carry no parameter axis of their own (they exist only between the split and the merge)
+    and are not mixed by any op, and every value holding an inner axis also holds the outer axis
+    of the same split, so each head's inner units can be permuted on their own (attention: the
+    score and value contractions batch over heads). The inner class may be fixed (rotary
+    queries / keys: identity inside each head) or mixed within each head (rotary positions rotate
+    coordinate pairs: slices and a concatenate along the head axis; the head permutation survives
+    with the identity inside each head); a fixed outer class or an inner class met without
+    its heads is not a blockwise symmetry this spec expresses. Such splits are treated as before
+    (the reshape mixes the source axis: a break, the result axes fixed). A fixed flat axis fixes
+    its parts and two fixed parts fix the flat axis. Flat classes split into the same ``(outer,
+    inner)`` pair carry the same permutation and are joined (queries and keys; values and the
+    output projection's input).
+    """
+    nodes = an.nodes
+    live = list(an.splits)
+    dead: list[_Split] = []
+
+    def kill(sp: _Split) -> None:
+        src = [sp.outer, sp.inner] if sp.merge else [sp.flat]
+        res = [sp.flat] if sp.merge else [sp.outer, sp.inner]
+        for n in src:
+            nodes.mark_break(n, sp.where)
+        for n in res:
+            nodes.fix(n)
+        dead.append(sp)
+
+    for _ in range(64):
+        changed = False
+        cooccur: dict[int, set[int]] = {}  # inner root -> roots present in every value holding it
+        for table in [an.axes, *an.tables]:
+            for ax in table.values():
+                roots = {nodes.find(n) for n in ax}
+                for r in roots:
+                    cooccur[r] = roots if r not in cooccur else cooccur[r] & roots
+        outer_of: dict[int, int] = {}
+        roles: dict[int, str] = {}
+        for sp in live:
+            f, o, i = nodes.find(sp.flat), nodes.find(sp.outer), nodes.find(sp.inner)
+            if nodes.fixed[f] and not (nodes.fixed[o] and nodes.fixed[i]):
+                nodes.fix(o)
+                nodes.fix(i)
+                changed = True
+            elif nodes.fixed[o] and nodes.fixed[i] and not nodes.fixed[f]:
+                nodes.fix(f)
+                changed = True
+            if nodes.fixed[f]:
+                continue
+            bad = (
+                nodes.params[o] or nodes.params[i] or nodes.state[o] or nodes.state[i]
+                or nodes.fixed[o] or nodes.breaks[o]
+                or (not (nodes.fixed[i] or nodes.breaks[i]) and o not in cooccur.get(i, set()))
+                or outer_of.setdefault(i, o) != o
+                or roles.setdefault(o, "outer") != "outer" or roles.setdefault(i, "inner") != "inner"
+            )
+            if bad:
+                kill(sp)
+                changed = True
+        live = [sp for sp in live if sp not in dead]
+        # one (outer, inner) pair per flat class, and flat classes with the same pair joined
+        pair_of: dict[int, tuple[int, int]] = {}
+        by_pair: dict[tuple[int, int], int] = {}
+        for sp in live:
+            f, o, i = nodes.find(sp.flat), nodes.find(sp.outer), nodes.find(sp.inner)
+            if nodes.fixed[f]:
+                continue
+            if f in pair_of and pair_of[f] != (o, i):
+                o0, i0 = pair_of[f]
+                if nodes.size[o0] == nodes.size[o] and nodes.size[i0] == nodes.size[i]:
+                    nodes.union(o0, o)
+                    nodes.union(i0, i)
+                else:
+                    kill(sp)
+                changed = True
+                continue
+            pair_of[f] = (o, i)
+            if (o, i) in by_pair and nodes.find(by_pair[(o, i)]) != f:
+                nodes.union(by_pair[(o, i)], f)
+                changed = True
+            by_pair.setdefault((o, i), f)
+        live = [sp for sp in live if sp not in dead]
+        if not changed:
+            return {
+                nodes.find(sp.flat): (nodes.find(sp.outer), nodes.find(sp.inner))
+                for sp in live
+                if not nodes.fixed[nodes.find(sp.flat)]
+            }
+    msg = "internal error: head splits did not settle"  # pragma: no cover
+    raise AssertionError(msg)  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------------- tracing
@@ -623,6 +765,7 @@ class _Trace:
     n_state: int
     groups: dict[int, str]  # class root -> traced name
     spec: PermutationSpec
+    split_values: dict[str, tuple[int, ...]]  # blockwise group -> the flat values split into heads
 
 
 def _trace(
@@ -660,6 +803,7 @@ def _trace(
         ax = _fresh(an, flat.avals[ins[i]])
         for d, n in enumerate(ax):
             nodes.params[n].append((name, d))
+            nodes.leaf.add(n)
         an.axes[ins[i]] = ax
     for i, (name, _) in enumerate(s_named):
         ax = _fresh(an, flat.avals[ins[n_p + i]])
@@ -673,6 +817,7 @@ def _trace(
     for o in flat.outvars:
         for n in an.axes.get(o, ()):
             nodes.fix(n)
+    split_pairs = _resolve_splits(an)
     # every class that holds parameter axes, is not fixed and is touched by the computation
     roots: dict[int, None] = {}
     for name in param_ids:
@@ -709,8 +854,21 @@ def _trace(
     def table(ids: Mapping[str, int]) -> dict[str, tuple[str | None, ...]]:
         return {name: tuple(groups.get(nodes.find(n)) for n in an.axes[i]) for name, i in ids.items()}
 
-    spec = PermutationSpec(table(param_ids), {k: v for k, v in table(state_ids).items()})
-    return _Trace(flat, nodes, an.axes, param_ids, state_ids, n_p, n_s, groups, spec)
+    labels: dict[int, str] = {}
+    blocks: dict[str, tuple[str, int, str]] = {}
+    for r in live:
+        if r not in split_pairs:
+            continue
+        o, i = (nodes.find(v) for v in split_pairs[r])
+        label = labels.setdefault(o, f"H_{len(labels)}")
+        blocks[groups[r]] = (label, nodes.size[i], "fixed" if nodes.fixed[i] or nodes.breaks[i] else "free")
+    spec = PermutationSpec(table(param_ids), {k: v for k, v in table(state_ids).items()}, blocks)
+    flat_values: dict[str, tuple[int, ...]] = {}
+    for sp in an.splits:
+        name = groups.get(nodes.find(sp.flat))
+        if name in blocks and not sp.merge and sp.top:
+            flat_values[name] = (*flat_values.get(name, ()), sp.value)
+    return _Trace(flat, nodes, an.axes, param_ids, state_ids, n_p, n_s, groups, spec, flat_values)
 
 
 def trace_spec(
@@ -751,8 +909,9 @@ def trace_spec(
 
 
 # ---------------------------------------------------------------------------------- renaming
-def rename(spec: PermutationSpec, mapping: Mapping[str, str]) -> PermutationSpec:
-    """``spec`` with every permutation name ``n`` replaced by ``mapping[n]`` (a bijection)."""
+def rename(spec: PermutationSpec, mapping: Mapping[str, str], heads: Mapping[str, str] | None = None) -> PermutationSpec:
+    """``spec`` with every permutation name ``n`` replaced by ``mapping[n]`` (a bijection), and the
+    heads labels of its blockwise groups by ``heads`` (those not listed are kept)."""
     if set(mapping) != set(spec.names) or len(set(mapping.values())) != len(mapping):
         msg = f"rename needs a bijection over the spec's names {list(spec.names)}, got {dict(mapping)}"
         raise ValueError(msg)
@@ -760,7 +919,9 @@ def rename(spec: PermutationSpec, mapping: Mapping[str, str]) -> PermutationSpec
     def one(table: Mapping[str, tuple[str | None, ...]]) -> dict[str, tuple[str | None, ...]]:
         return {k: tuple(None if n is None else mapping[n] for n in v) for k, v in table.items()}
 
-    return PermutationSpec(one(spec.axes), one(spec.state_axes))
+    heads = dict(heads or {})
+    blocks = {mapping[n]: (heads.get(h, h), b, inner) for n, (h, b, inner) in spec.blocks.items()}
+    return PermutationSpec(one(spec.axes), one(spec.state_axes), blocks)
 
 
 def match_names(spec: PermutationSpec, reference: PermutationSpec) -> PermutationSpec:
@@ -788,7 +949,8 @@ def match_names(spec: PermutationSpec, reference: PermutationSpec) -> Permutatio
     if len(set(mapping.values())) != len(mapping):
         msg = f"several groups map to one reference group: {mapping}"
         raise ValueError(msg)
-    return rename(spec, mapping)
+    heads = {h: reference.blocks[mapping[n]][0] for n, (h, _, _) in spec.blocks.items() if mapping[n] in reference.blocks}
+    return rename(spec, mapping, heads)
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -980,6 +1142,7 @@ class _Points:
     pre: dict[str, tuple[int, tuple[int, ...]]]
     post: dict[str, tuple[int, tuple[int, ...]]]
     input: dict[str, tuple[int, tuple[int, ...]]]
+    stacked: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = dataclasses.field(default_factory=dict)
 
 
 def _order_last(nd: int, axis: int) -> tuple[int, ...]:
@@ -994,9 +1157,19 @@ def _points(tr: _Trace, spec: PermutationSpec) -> _Points:
     inputs = {kernel: (vid, order) for kernel, _, vid, order in layer_inputs}
     pre: dict[str, tuple[int, tuple[int, ...]]] = {}
     post: dict[str, tuple[int, tuple[int, ...]]] = {}
+    stacked: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = {}
     for name, root in _spec_roots(tr, spec).items():
         consumers = [(k, vid) for _, k, vid, order in layer_inputs if tr.nodes.find(tr.axes[vid][order[-1]]) == root]
         if not consumers:
+            # a blockwise group no layer reads (queries and keys, contracted with each other):
+            # the projections' outputs before the head split, stacked on a new axis 1
+            vals = []
+            for v in tr.split_values.get(tr.groups.get(root, ""), ()):
+                ax = _unit_axis(tr, v, root)
+                if ax is not None:
+                    vals.append((v, _order_last(len(_shape(tr.flat.avals[v])), ax)))
+            if vals:
+                stacked[name] = tuple(vals)
             continue
         _, vid = max(consumers)
         p = _post_point(tr, producer, data, vid, root)
@@ -1005,7 +1178,7 @@ def _points(tr: _Trace, spec: PermutationSpec) -> _Points:
             ax = _unit_axis(tr, v, root)
             if ax is not None:
                 table[name] = (v, _order_last(len(_shape(tr.flat.avals[v])), ax))
-    return _Points(pre, post, inputs)
+    return _Points(pre, post, inputs, stacked)
 
 
 def activations(
@@ -1024,7 +1197,11 @@ def activations(
     from its input through pooling (``reduce_window``, reductions over non-unit axes, scalar
     scaling) gives the post-activation, and the input of the elementwise nonlinearity producing it
     the pre-activation (after the norm when there is one; for a residual stream the last residual
-    sum before its nonlinearity; for a layer without nonlinearity both are its output).
+    sum before its nonlinearity; for a layer without nonlinearity both are its output). A blockwise
+    group that no layer reads — attention queries and keys, contracted with each other — gets the
+    projections' outputs before the head split, stacked on a new axis 1 (``(N, 2, T, H·Dh)`` for
+    queries and keys; both kinds); values and the output projection get the concatenated heads
+    that the output projection reads.
 
     Args:
         apply_fn: the model, called as in :func:`trace_spec`.
@@ -1050,8 +1227,108 @@ def activations(
     _, state = _call_parts(apply_fn, state)
     args = jax.tree.leaves(params) + jax.tree.leaves({} if state is None else state) + jax.tree.leaves(x)
     names = list(table)
-    vals = _eval_flat(tr.flat, args, [table[n][0] for n in names])
-    return {n: jnp.transpose(v, table[n][1]) for n, v in zip(names, vals)}
+    stacked = {} if kind == "input" else {n: v for n, v in pts.stacked.items() if n not in table}
+    wanted = [table[n][0] for n in names] + [v for vals in stacked.values() for v, _ in vals]
+    vals = _eval_flat(tr.flat, args, wanted)
+    out = {n: jnp.transpose(v, table[n][1]) for n, v in zip(names, vals)}
+    rest = iter(vals[len(names) :])
+    for n, entries in stacked.items():
+        out[n] = jnp.stack([jnp.transpose(next(rest), order) for _, order in entries], axis=1)
+    return out
+
+
+def _layer_output_points(
+    tr: _Trace, spec: PermutationSpec, layers: Mapping[str, tuple[str, str]]
+) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Where each entry of ``layers`` is measured: a group name of ``spec`` at its pre-activation,
+    any other key at the output of its layer (the ``add`` of its shift leaf)."""
+    group_keys = [k for k in layers if k in spec.names]
+    pts = _points(tr, spec) if group_keys else None
+    out: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for k, (scale_path, bias_path) in layers.items():
+        if k in spec.names:
+            if k not in pts.pre:  # type: ignore[union-attr]
+                msg = f"unit group {k!r} has no traced pre-activation to measure; layers: {dict(layers)}"
+                raise ValueError(msg)
+            out[k] = pts.pre[k]  # type: ignore[union-attr]
+            continue
+        for path in (scale_path, bias_path):
+            if path not in tr.param_ids:
+                msg = f"layers[{k!r}] names {path!r}, which is not a params leaf; leaves: {sorted(tr.param_ids)}"
+                raise ValueError(msg)
+        derived = {tr.param_ids[bias_path]}
+        found = None
+        for e in tr.flat.eqns:
+            if e.prim in ("broadcast_in_dim", "reshape", "convert_element_type", "transpose", "copy", "copy_p") and e.ins[0] in derived:
+                derived.add(e.outs[0])
+            elif e.prim in ("add", "add_any") and any(i in derived for i in e.ins):
+                found = e.outs[0]
+                break
+        bias_axes = tr.axes[tr.param_ids[bias_path]]
+        ax = _unit_axis(tr, found, tr.nodes.find(bias_axes[-1])) if found is not None and bias_axes else None
+        if ax is None:
+            msg = (
+                f"layers[{k!r}]: the shift {bias_path!r} is not added to an activation along one axis in "
+                f"the trace of apply_fn, so its layer's output cannot be measured"
+            )
+            raise ValueError(msg)
+        out[k] = (found, _order_last(len(_shape(tr.flat.avals[found])), ax))
+    return dict(sorted(out.items(), key=lambda kv: kv[1][0]))  # forward order
+
+
+def layer_outputs(
+    apply_fn: Any,
+    params: Params,
+    x: Any,
+    layers: Mapping[str, tuple[str, str]],
+    *,
+    spec: PermutationSpec | None = None,
+    state: Params | None = None,
+) -> dict[str, Array]:
+    """The activation each ``(scale leaf, shift leaf)`` layer of ``layers`` produces, in forward order.
+
+    A key that is a group name of ``spec`` gives that group's pre-activation (:func:`activations`);
+    any other key (e.g. ``"blocks/0/ln1"`` for ``("blocks/0/ln1/scale", "blocks/0/ln1/bias")``) gives
+    the output of that layer, the value its shift leaf is added to (a LayerNorm's ``γ n + β``, a
+    dense layer's ``x W + b``), unit axis last. These are the normalisation points REPAIR and TACT
+    correct on models whose groups have several producers (transformers' residual stream).
+    """
+    tr = _trace(apply_fn, params, x, state=state, unpermuted=(), what="layer_outputs")
+    spec = tr.spec if spec is None else spec
+    pts = _layer_output_points(tr, spec, layers)
+    _, state = _call_parts(apply_fn, state)
+    args = jax.tree.leaves(params) + jax.tree.leaves({} if state is None else state) + jax.tree.leaves(x)
+    vals = _eval_flat(tr.flat, args, [v for v, _ in pts.values()])
+    return {k: jnp.transpose(v, order) for (k, (_, order)), v in zip(pts.items(), vals)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOutputs:
+    """``.intermediates(params, x, kind="pre")`` = :func:`layer_outputs` of ``layers`` (REPAIR / TACT taps).
+
+    ``layers`` is a tuple of ``(key, (scale leaf, shift leaf))`` items (hashable: a static argument
+    of ``jax.jit``); calling it is calling ``apply_fn``.
+    """
+
+    apply_fn: Any
+    layers: tuple[tuple[str, tuple[str, str]], ...]
+    spec: PermutationSpec | None = None
+
+    def __call__(self, params: Params, x: Any) -> Any:
+        return self.apply_fn(params, x)
+
+    def intermediates(self, params: Params, x: Any, *, kind: str = "pre", state: Params | None = None) -> dict[str, Array]:
+        """The layer outputs (``kind`` must be ``"pre"``: outputs before any nonlinearity)."""
+        if kind != "pre":
+            msg = f"LayerOutputs taps layer outputs (kind='pre'), got kind={kind!r}"
+            raise ValueError(msg)
+        return layer_outputs(self.apply_fn, params, x, dict(self.layers), spec=self.spec, state=state)
+
+    def order(self, params: Params, x: Any) -> tuple[str, ...]:
+        """The keys of :attr:`layers` in forward order (the order REPAIR / TACT correct them in)."""
+        tr = _trace(self.apply_fn, params, x, state=None, unpermuted=(), what="layer_outputs")
+        spec = tr.spec if self.spec is None else self.spec
+        return tuple(_layer_output_points(tr, spec, dict(self.layers)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1079,14 +1356,26 @@ class TracedModel:
         return getattr(self.apply_fn, name)
 
 
-def with_activations(apply_fn: Any, spec: PermutationSpec | None = None) -> Any:
-    """``apply_fn`` itself when it has ``intermediates`` (a zoo model), else a :class:`TracedModel`.
+def with_activations(apply_fn: Any, spec: PermutationSpec | None = None, *, params: Params | None = None, x: Any = None) -> Any:
+    """``apply_fn`` itself when it has ``intermediates`` (a zoo model), else a :class:`TracedModel`
+    (also for a zoo model without a hand-written spec, ``apply_fn.spec is None``, e.g. the GPT / ViT:
+    its groups are the traced ones).
 
     The single place where activation-based methods (activation matching, REPAIR, TACT, ZipIt!,
-    RegMean, OT fusion) obtain activations, so none of them is limited to the zoo.
+    RegMean, OT fusion) obtain activations, so none of them is limited to the zoo. Given
+    ``params`` and a batch ``x``, a zoo model whose ``intermediates`` do not tap every group of
+    ``spec`` (the GPT / ViT tap layer inputs only) is traced instead.
     """
-    if callable(getattr(apply_fn, "intermediates", None)):
-        return apply_fn
+    if callable(getattr(apply_fn, "intermediates", None)) and not (
+        hasattr(apply_fn, "spec") and apply_fn.spec is None and not isinstance(apply_fn, TracedModel)
+    ):
+        if isinstance(apply_fn, TracedModel) or params is None or x is None:
+            return apply_fn  # a zoo model's taps, keyed by its spec's names
+        names = (spec if spec is not None else getattr(apply_fn, "spec", None) or PermutationSpec({})).names
+        tapped = jax.eval_shape(lambda p, xb: apply_fn.intermediates(p, xb, kind="pre"), params, x)
+        if all(n in tapped for n in names):
+            return apply_fn
+        # a zoo model whose taps do not cover its groups (the transformers tap layer inputs only)
     if not callable(apply_fn):
         msg = f"apply_fn must be callable as apply_fn(params, x), got {type(apply_fn).__name__}"
         raise ValueError(msg)

@@ -25,6 +25,18 @@ after ``max_iter`` sweeps. Following git-re-basin's ``weight_matching``, the sea
 the identity (or ``init``). Unlike the reference, a coordinate whose optimum does not beat the
 current assignment keeps the current one, so ties never make the descent cycle.
 
+**Attention heads** (a spec with ``blocks``, e.g. traced from a transformer): the query / key and
+value / output groups of one attention layer are blockwise, ``p[h·Dh + d] = σ[h]·Dh + τ_h[d]`` with
+one head permutation ``σ`` shared by the groups of that layer (Verma & Elbayad 2024,
+arXiv:2403.00986, match heads as wholes). Their coordinate step is one constrained assignment over
+all those groups ``g`` at once (:func:`blockwise_assignment`): the score of pairing A's head ``h``
+with B's head ``h'`` is the optimum of the within-head assignment,
+:math:`S[h, h'] = \\sum_g \\max_τ \\sum_d C_g[h D_h + d,\\, h' D_h + τ(d)]` (``τ`` the identity for
+``inner="fixed"`` groups, rotary queries / keys), a Hungarian solve over the heads gives ``σ``, and
+each group keeps the within-head assignment of its chosen pairs. This is the exact optimum of that
+coordinate (the groups of one layer share no parameter leaf, so their costs are independent given
+the other permutations). Unconstrained groups are solved as above.
+
 Only ``params`` enter the objective: BatchNorm running statistics are data statistics, not
 weights; permute them with :func:`landscape.align.apply_state` using the returned permutation.
 
@@ -45,7 +57,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -55,9 +67,9 @@ from scipy.optimize import linear_sum_assignment
 
 from landscape import tree
 from landscape._types import Key, Params
-from landscape.align.spec import Permutation, PermutationSpec, check_permutation, check_spec
+from landscape.align.spec import Permutation, PermutationSpec, check_blocks, check_permutation, check_spec
 
-__all__ = ["WeightMatchingInfo", "weight_matching"]
+__all__ = ["WeightMatchingInfo", "blockwise_assignment", "weight_matching"]
 
 PROGRESS_TOL = 1e-12
 """A coordinate step counts as progress when it raises its term by more than ``tol * max(1, |term|)``."""
@@ -120,6 +132,7 @@ def check_key(key: Any, what: str) -> None:
 def check_init(spec: PermutationSpec, init: Permutation, sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
     """Validate a starting permutation against ``spec`` and the unit counts; return it as numpy."""
     check_permutation(init, names=spec.names)
+    check_blocks(spec, init)
     out = {}
     for n, size in sizes.items():
         p = np.asarray(init[n])
@@ -159,6 +172,59 @@ def inner_product(
 ) -> float:
     """:math:`\\langle θ_A, π(θ_B) \\rangle` over every leaf, float64 (leaves given by path)."""
     return float(sum(np.vdot(a[k], _take_except(b[k], spec.axes[k], perm, None)) for k in a))
+
+
+def blockwise_assignment(
+    costs: Sequence[np.ndarray], block: int, inner: Sequence[str]
+) -> tuple[list[np.ndarray], float]:
+    """The best blockwise permutations for several groups sharing one head permutation.
+
+    Maximises :math:`\\sum_g \\sum_i C_g[i, p_g[i]]` over ``p_g[h·B + d] = σ[h]·B + τ_{g,h}[d]``
+    (one ``σ`` for all groups, ``τ`` free per group and head, or the identity where ``inner[g]`` is
+    ``"fixed"``). Exact: for every head pair ``(h, h')`` and group the within-head Hungarian gives
+    :math:`S_g[h, h']`; the Hungarian over :math:`\\sum_g S_g` gives ``σ``.
+
+    Args:
+        costs: one ``(H·B, H·B)`` similarity matrix per group (rows: A's units, columns: B's).
+        block: the block size ``B`` (units per head).
+        inner: ``"free"`` or ``"fixed"`` per group.
+
+    Returns:
+        ``(perms, value)``: one flat permutation (int64) per group and the maximised sum.
+    """
+    n = costs[0].shape[0]
+    heads = n // block
+    total = np.zeros((heads, heads))
+    taus = []
+    for cost, mode in zip(costs, inner, strict=True):
+        blocks = cost.reshape(heads, block, heads, block).transpose(0, 2, 1, 3)  # (h, h', d, d')
+        tau = np.broadcast_to(np.arange(block), (heads, heads, block)).copy()
+        if mode == "free":
+            for h in range(heads):
+                for g in range(heads):
+                    tau[h, g] = linear_sum_assignment(blocks[h, g], maximize=True)[1]
+        total += np.take_along_axis(blocks, tau[..., None], axis=3)[..., 0].sum(-1)
+        taus.append(tau)
+    _, sigma = linear_sum_assignment(total, maximize=True)
+    perms = [(sigma[:, None] * block + tau[np.arange(heads), sigma]).reshape(-1).astype(np.int64) for tau in taus]
+    return perms, float(total[np.arange(heads), sigma].sum())
+
+
+def _coordinates(spec: PermutationSpec) -> list[tuple[str, ...]]:
+    """The coordinates of the descent: each unconstrained name alone, each heads label's groups
+    together (at the position of its first group), in sorted name order."""
+    out: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    heads = spec.heads
+    for n in spec.names:
+        if n in spec.blocks:
+            label = spec.blocks[n][0]
+            if label not in seen:
+                seen.add(label)
+                out.append(heads[label])
+        else:
+            out.append((n,))
+    return out
 
 
 def weight_matching(
@@ -216,22 +282,34 @@ def weight_matching(
     history: list[float] = []
     converged = False
     sweeps = 0
+    coords = _coordinates(spec)
+
+    def cost_of(p: str) -> np.ndarray:
+        n = sizes[p]
+        cost = np.zeros((n, n))
+        for k, ax in where[p]:
+            wb = _take_except(leaves_b[k], spec.axes[k], perm, ax)
+            cost += mats_a[(k, ax)] @ np.moveaxis(wb, ax, 0).reshape(n, -1).T
+        return cost
+
     for sweep in range(max_iter):
         sweeps = sweep + 1
         progress = False
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, sweep), len(names)))
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, sweep), len(coords)))
         for i in order:
-            p = names[int(i)]
-            n = sizes[p]
-            cost = np.zeros((n, n))
-            for k, ax in where[p]:
-                wb = _take_except(leaves_b[k], spec.axes[k], perm, ax)
-                cost += mats_a[(k, ax)] @ np.moveaxis(wb, ax, 0).reshape(n, -1).T
-            rows, cols = linear_sum_assignment(cost, maximize=True)
-            old = float(cost[rows, perm[p]].sum())
-            new = float(cost[rows, cols].sum())
+            group = coords[int(i)]
+            costs = [cost_of(p) for p in group]
+            if group[0] in spec.blocks:
+                block = spec.blocks[group[0]][1]
+                cols_all, _ = blockwise_assignment(costs, block, [spec.blocks[p][2] for p in group])
+            else:
+                cols_all = [linear_sum_assignment(costs[0], maximize=True)[1]]
+            rows = np.arange(sizes[group[0]])
+            old = float(sum(c[rows, perm[p]].sum() for c, p in zip(costs, group)))
+            new = float(sum(c[rows, q].sum() for c, q in zip(costs, cols_all)))
             if new > old + PROGRESS_TOL * max(1.0, abs(old)):
-                perm[p] = cols.astype(np.int64)
+                for p, q in zip(group, cols_all):
+                    perm[p] = q.astype(np.int64)
                 progress = True
         history.append(inner_product(spec, leaves_a, leaves_b, perm))
         if not progress:

@@ -36,12 +36,15 @@ from landscape.data.images import STANDARDIZE, mnist, preprocess_images
 from landscape.data.registry import DATASETS, load
 from landscape.data.standard import digits, digits_full, mnist1d
 from landscape.data.synthetic import blobs, moons
+from landscape.data.text import STDLIB_FILES, TextDataset, file_subset, stdlib_text, text_files
 from landscape.data.tasks import class_subset, input_permutation, permuted_inputs, relabelled
 
 __all__ = [
     "DATASETS",
     "STANDARDIZE",
+    "STDLIB_FILES",
     "Dataset",
+    "TextDataset",
     "arrays",
     "blobs",
     "cifar10",
@@ -50,6 +53,7 @@ __all__ = [
     "digits",
     "digits_full",
     "fashion_mnist",
+    "file_subset",
     "host_rng",
     "input_permutation",
     "load",
@@ -65,5 +69,7 @@ __all__ = [
     "relabelled",
     "split",
     "split_indices",
+    "stdlib_text",
+    "text_files",
     "with_validation",
 ]

@@ -6,7 +6,7 @@ Example:
     2
     >>> sorted(data.DATASETS)  # doctest: +NORMALIZE_WHITESPACE
     ['arrays', 'blobs', 'cifar10', 'cifar100', 'digits', 'fashion_mnist', 'mnist', 'mnist1d',
-     'mnist_idx', 'moons']
+     'mnist_idx', 'moons', 'stdlib_text', 'text_files']
 
 The file loaders take the folder as ``path=``: ``load("cifar10", path="~/data/cifar-10-batches-bin")``.
 """
@@ -25,6 +25,7 @@ from landscape.data.files import arrays, cifar10, cifar100, fashion_mnist, mnist
 from landscape.data.images import mnist
 from landscape.data.standard import digits, mnist1d
 from landscape.data.synthetic import blobs, moons
+from landscape.data.text import stdlib_text, text_files
 
 __all__ = ["DATASETS", "load"]
 
@@ -39,6 +40,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "cifar10": cifar10,
     "cifar100": cifar100,
     "arrays": arrays,
+    "stdlib_text": stdlib_text,
+    "text_files": text_files,
 }
 """Dataset name -> constructor."""
 
@@ -54,7 +57,9 @@ def load(name: str, **kwargs: Any) -> Dataset:
     Args:
         name: One of ``"digits"``, ``"mnist1d"``, ``"mnist"``, ``"blobs"``, ``"moons"``, or a loader
             of files on disk: ``"mnist_idx"``, ``"fashion_mnist"``, ``"cifar10"``, ``"cifar100"``,
-            ``"arrays"`` (these need ``path=``, the folder or file).
+            ``"arrays"`` (these need ``path=``, the folder or file); ``"stdlib_text"`` (byte-level
+            language modelling on Python's own source) and ``"text_files"`` (``paths=`` a list of
+            UTF-8 files), see :mod:`landscape.data.text`.
         **kwargs: Settings of that constructor (keyword-only ones, plus ``path`` for file loaders).
 
     Returns:

@@ -75,3 +75,51 @@ __all__ = [
 from landscape.merge.tact import align_experts, head_leaves, tact  # noqa: E402
 
 __all__ += ["align_experts", "head_leaves", "tact"]
+
+from landscape.merge.evolutionary import EvolutionaryResult, evolutionary_merge, layer_groups  # noqa: E402
+
+__all__ += ["EvolutionaryResult", "evolutionary_merge", "layer_groups"]
+
+from landscape.merge.federated import (  # noqa: E402
+    ClientSplit,
+    FederatedResult,
+    client_key,
+    fedavg,
+    fedsgd,
+    split_clients,
+)
+from landscape.merge.moe import (  # noqa: E402
+    MoEModel,
+    MoEResult,
+    Routing,
+    hidden_prototypes,
+    load_balancing_loss,
+    moe_from_mlps,
+)
+from landscape.merge.sparse_soups import (  # noqa: E402
+    CycleRecord,
+    SparseSoupResult,
+    SWAResult,
+    apply_mask,
+    geometric_sparsities,
+    imp_sparsities,
+    magnitude_mask,
+    mask_sparsity,
+    particle_key,
+    sparse_model_soup,
+    swa_with_bn_update,
+    swamp,
+)
+
+__all__ += [
+    "ClientSplit", "CycleRecord", "FederatedResult", "MoEModel", "MoEResult", "Routing", "SWAResult",
+    "SparseSoupResult", "apply_mask", "client_key", "fedavg", "fedsgd", "geometric_sparsities", "hidden_prototypes",
+    "imp_sparsities", "load_balancing_loss", "magnitude_mask", "mask_sparsity", "moe_from_mlps", "particle_key",
+    "sparse_model_soup", "split_clients", "swa_with_bn_update", "swamp",
+]
+
+from landscape.merge.spherical import karcher, multislerp, nearswap, nuslerp, sce  # noqa: E402
+from landscape.merge.subspace import cart, iso_c, iso_cts, tsv_merge, wudi, wudi_loss  # noqa: E402
+
+__all__ += ["cart", "iso_c", "iso_cts", "karcher", "multislerp", "nearswap", "nuslerp", "sce", "tsv_merge", "wudi",
+            "wudi_loss"]

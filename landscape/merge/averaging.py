@@ -264,11 +264,15 @@ def greedy_soup(
     )
 
 
-def _rows(x: Array, scope: str) -> Array:
-    """``(m, ...)`` -> ``(m, R, L)`` groups: one row per leading index (``scope="row"``) or one."""
+def _rows(x: Array, scope: str, out_axis: int | None = None) -> Array:
+    """``(m, ...)`` -> ``(m, R, L)`` groups: one per output unit along ``out_axis`` (``scope="row"``;
+    ``out_axis=None``: one per row ``x[..., i, :]`` as stored) or one."""
     m = x.shape[0]
     if scope == "row" and x.ndim >= 3:
-        return x.reshape(m, -1, x.shape[-1])
+        if out_axis is None:
+            return x.reshape(m, -1, x.shape[-1])
+        moved = jnp.moveaxis(x, 1 + out_axis % (x.ndim - 1), 1)
+        return moved.reshape(m, moved.shape[1], -1)
     return x.reshape(m, 1, -1)
 
 
@@ -278,12 +282,13 @@ def model_stock(
     base: Params,
     scope: str = "leaf",
     angle: str = "cosine",
+    out_axis: int | None = -1,
 ) -> Params:
     r"""Model Stock (Jang et al., arXiv 2403.19522): move the average of k fine-tuned models toward
     the base by the ratio the angle between their task vectors predicts.
 
-    For each group (a whole tensor for ``scope="leaf"``; each row ``x[..., i, :]`` of the
-    last axis for ``scope="row"``, mergekit's ``filter_wise``; 1-D tensors are one group):
+    For each group (a whole tensor for ``scope="leaf"``; each output unit along ``out_axis`` for
+    ``scope="row"``, mergekit's ``filter_wise``; 1-D tensors are one group):
 
     .. math:: t = \frac{k\cos\theta}{1 + (k-1)\cos\theta}, \qquad
               \theta_{\text{merged}} = t\,\overline{\theta_i} + (1-t)\,\theta_0,
@@ -299,8 +304,15 @@ def model_stock(
         base: the pre-trained model :math:`\theta_0`.
         scope: ``"leaf"`` or ``"row"``.
         angle: ``"cosine"`` or ``"angle"``.
+        out_axis: for ``scope="row"``, the output-unit axis: one ratio per unit ``x[..., j]`` (-1,
+            Flax ``(in, out)``) or ``x[i]`` (0, PyTorch ``(out, in)``; mergekit's ``filter_wise`` on a
+            2-D weight); None keeps the rows ``x[..., i, :]`` along the stored last axis (mergekit's
+            tensor-as-stored rule, used by ``tensorwise.model_stock``).
     """
     check_choice("scope", scope, ("leaf", "row"))
+    if out_axis is not None and (isinstance(out_axis, bool) or not isinstance(out_axis, int)):
+        msg = f"out_axis must be an int or None, got {out_axis!r}"
+        raise TypeError(msg)
     check_choice("angle", angle, ("cosine", "angle"))
     stacked, k = as_stacked(finetuned, what="finetuned", base=base)
     if k < 2:
@@ -313,7 +325,10 @@ def model_stock(
     def leaf(x: Array, x0: Array) -> Array:
         dt = acc_dtype(x)
         xs, b = x.astype(dt), x0.astype(dt)
-        d = _rows(xs - b[None], scope)
+        if scope == "row" and out_axis is not None and x0.ndim >= 2 and not -x0.ndim <= out_axis < x0.ndim:
+            msg = f"out_axis={out_axis} is out of range for a leaf of shape {x0.shape}"
+            raise ValueError(msg)
+        d = _rows(xs - b[None], scope, out_axis)
         n = jnp.sqrt(jnp.sum(d * d, axis=-1))
         dots = jnp.sum(d[pi] * d[pj], axis=-1)
         cos = jnp.clip(dots / jnp.maximum(n[pi] * n[pj], 1e-6), -1.0, 1.0)
@@ -322,8 +337,12 @@ def model_stock(
         small = jnp.abs(den) < 1e-6
         t = jnp.where(small, 0.0, k * c / jnp.where(small, 1.0, den))
         mean = jnp.mean(xs, axis=0)
-        rows = _rows(jnp.stack([mean, b]), scope)
+        rows = _rows(jnp.stack([mean, b]), scope, out_axis)
         out = t[:, None] * rows[0] + (1 - t[:, None]) * rows[1]
+        if scope == "row" and out_axis is not None and x0.ndim >= 2:
+            ax = out_axis % x0.ndim
+            moved = jnp.moveaxis(x0, ax, 0).shape
+            return jnp.moveaxis(out.reshape(moved), 0, ax).astype(x0.dtype)
         return out.reshape(x0.shape).astype(x0.dtype)
 
     return jax.tree.map(leaf, stacked, base)

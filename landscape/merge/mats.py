@@ -13,6 +13,15 @@ whose matrix-vector product is :math:`V \mapsto A V G`; those blocks are solved 
 gradients (``jax.scipy.sparse.linalg.cg``) started at the weighted average, as in the paper.
 With :math:`G = I` a Kronecker block is RegMean's objective (no shrinkage).
 
+**Convolutional kernels.** A Flax conv kernel ``(kh, kw, d_in, d_out)`` (output unit on the last
+axis) is handled as the matrix ``W.reshape(kh*kw*d_in, d_out)``: one column per output filter, rows
+ordered ``(kh, kw, d_in)`` row-major, which is the layout of an im2col patch of the layer input. Its
+Kronecker block (K-FAC for convolutions, Grosse & Martens 2016, arXiv 1602.01407) is then
+``a``: ``(kh*kw*d_in, kh*kw*d_in)``, the second moment of input patches (averaged over examples and
+output positions), and ``g``: ``(d_out, d_out)``, of the output gradients summed over positions. The
+system is solved by the same CG on the reshaped matrices and reshaped back. :func:`kfac_fisher`
+computes factors for dense layers only; conv factors come from the caller.
+
 Example:
     >>> import jax.numpy as jnp
     >>> from landscape import merge
@@ -30,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.sparse.linalg import cg
 
 from landscape import tree
@@ -44,10 +54,11 @@ __all__ = ["KroneckerFactors", "kfac_fisher", "mats"]
 
 @dataclasses.dataclass(frozen=True)
 class KroneckerFactors:
-    """A Kronecker-factored Fisher block :math:`A \\otimes G` for a ``(d_in, d_out)`` kernel.
+    """A Kronecker-factored Fisher block :math:`A \\otimes G` for a ``(d_in, d_out)`` kernel (or a conv
+    kernel ``(kh, kw, d_in, d_out)`` read as ``(kh*kw*d_in, d_out)``, module docstring).
 
     Attributes:
-        a: ``(d_in, d_in)`` input second moment :math:`\\mathbb{E}[xx^\\top]`.
+        a: ``(d_in, d_in)`` input second moment :math:`\\mathbb{E}[xx^\\top]` (conv: of input patches).
         g: ``(d_out, d_out)`` output-gradient second moment :math:`\\mathbb{E}[gg^\\top]`.
     """
 
@@ -177,15 +188,17 @@ def mats(
             msg = f"fishers do not match the params tree structure at {name!r}"
             raise ValueError(msg)
         if _is_kf(f):
+            d_in = int(np.prod(x.shape[1:-1])) if x.ndim >= 3 else 0
             ok = (
-                x.ndim == 3
-                and jnp.shape(f.a) == (m, x.shape[1], x.shape[1])
-                and jnp.shape(f.g) == (m, x.shape[2], x.shape[2])
+                x.ndim >= 3
+                and jnp.shape(f.a) == (m, d_in, d_in)
+                and jnp.shape(f.g) == (m, x.shape[-1], x.shape[-1])
             )
             if not ok:
                 msg = (
                     f"Kronecker factors at {name!r} must be a: (d_in, d_in) and g: (d_out, d_out) "
-                    f"for a (d_in, d_out) kernel; got params {x.shape[1:]}, a {jnp.shape(f.a)[1:]}, "
+                    f"for a (d_in, d_out) kernel, or a: (kh*kw*d_in, kh*kw*d_in) for a conv kernel "
+                    f"(kh, kw, d_in, d_out); got params {x.shape[1:]}, a {jnp.shape(f.a)[1:]}, "
                     f"g {jnp.shape(f.g)[1:]}"
                 )
                 raise ValueError(msg)
@@ -200,13 +213,14 @@ def mats(
         avg = jnp.sum(bcast(wd, xs) * xs, axis=0) / jnp.sum(wd)
         if _is_kf(f):
             a, g = f.a.astype(dt), f.g.astype(dt)
+            mat = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # conv (kh, kw, in, out) -> (kh*kw*in, out)
 
             def op(v: Array) -> Array:
                 return jnp.einsum("m,mij,jk,mkl->il", wd, a, v, g)
 
-            rhs = jnp.einsum("m,mij,mjk,mkl->il", wd, a, xs, g)
-            sol, _ = cg(op, rhs, x0=avg, tol=tol, maxiter=maxiter)
-            return sol.astype(x.dtype)
+            rhs = jnp.einsum("m,mij,mjk,mkl->il", wd, a, mat, g)
+            sol, _ = cg(op, rhs, x0=avg.reshape(mat.shape[1:]), tol=tol, maxiter=maxiter)
+            return sol.reshape(x.shape[1:]).astype(x.dtype)
         fd = f.astype(dt)
         c = bcast(wd, fd) * fd
         den = jnp.sum(c, axis=0)

@@ -5,8 +5,12 @@ keeps **exactly** the documented number of entries per group, whatever ties or e
 tensor holds.
 
 **Groups.** ``scope="leaf"``: each tensor is one group; ``"global"``: the whole tree is one group
-(TIES' original code); ``"row"``: each row ``x[..., i, :]`` along the last axis (Breadcrumbs,
-DELLA); 0-D and 1-D tensors are one group.
+(TIES' original code); ``"row"``: one group per **output unit**, whatever the layout (Breadcrumbs,
+DELLA, Model Stock ``filter_wise``): the unit axis is ``out_axis`` (default ``-1``, Flax kernels
+``(…, in, out)``, where unit ``j`` is ``x[..., j]``; ``out_axis=0`` for PyTorch ``(out, in, …)``
+weights, unit ``i`` is ``x[i]``), every other axis flattened into the group; ``out_axis=None``
+takes the rows ``x[..., i, :]`` along the last axis as stored (mergekit's tensor-wise convention).
+No key-name convention is used: the caller says the layout. 0-D and 1-D tensors are one group.
 
 **Counts.** For a fraction ``f`` of a group of ``n`` entries the count is :math:`\lfloor f n\rceil`,
 the floor of :math:`f n` where a product within float rounding (relative :math:`5\cdot 10^{-7}`)
@@ -41,10 +45,12 @@ __all__ = [
     "bernoulli_mask",
     "breadcrumbs_mask",
     "check_della",
+    "check_out_axis",
     "count",
     "della_probabilities",
     "exact_random_mask",
     "topk_mask",
+    "unit_groups",
 ]
 
 _REL_TOL = 5e-7
@@ -64,10 +70,39 @@ def count(fraction: Array | float, n: int, *, at_least_one: bool = False) -> Arr
     return jnp.maximum(k, 1) if at_least_one else k
 
 
-def _groups(x: Array, scope: str) -> Array:
-    if scope == "row" and x.ndim >= 2:
-        return x.reshape(-1, x.shape[-1])
-    return x.reshape(1, -1)
+def check_out_axis(out_axis: Any) -> int | None:
+    """``out_axis`` as given: an int (the output-unit axis) or None (stored rows, see module docstring)."""
+    if out_axis is not None and (isinstance(out_axis, bool) or not isinstance(out_axis, int)):
+        msg = f"out_axis must be an int (the output-unit axis) or None (rows along the last axis), got {out_axis!r}"
+        raise TypeError(msg)
+    return out_axis
+
+
+def unit_groups(x: Array, out_axis: int | None, *, name: str = "leaf") -> tuple[Array, Any]:
+    """``(groups (G, L), inverse)``: one group per output unit of ``x`` (module docstring, "Groups").
+
+    ``inverse(g)`` maps a ``(G, L)`` array back to ``x``'s shape. 0-D and 1-D tensors are one group;
+    ``out_axis=None`` gives the rows ``x[..., i, :]`` along the last axis as stored.
+    """
+    shape = jnp.shape(x)
+    if len(shape) < 2:
+        return jnp.reshape(x, (1, -1)), lambda g: jnp.reshape(g, shape)
+    if out_axis is None:
+        return jnp.reshape(x, (-1, shape[-1])), lambda g: jnp.reshape(g, shape)
+    if not -len(shape) <= out_axis < len(shape):
+        msg = f"out_axis={out_axis} is out of range for {name!r} of shape {shape}"
+        raise ValueError(msg)
+    ax = out_axis % len(shape)
+    moved = jnp.moveaxis(x, ax, 0)
+    mshape = moved.shape
+    return moved.reshape(mshape[0], -1), lambda g: jnp.moveaxis(jnp.reshape(g, mshape), 0, ax)
+
+
+def _groups(x: Array, scope: str, out_axis: int | None = None) -> tuple[Array, Any]:
+    if scope == "row":
+        return unit_groups(x, out_axis)
+    shape = jnp.shape(x)
+    return jnp.reshape(x, (1, -1)), lambda g: jnp.reshape(g, shape)
 
 
 def _rank_desc(a: Array) -> Array:
@@ -82,7 +117,7 @@ def _magnitude(x: Array) -> Array:
     return jnp.where(jnp.isfinite(a), a, jnp.inf)
 
 
-def _map_groups(fn: Any, params: Params, scope: str) -> Params:
+def _map_groups(fn: Any, params: Params, scope: str, out_axis: int | None = None) -> Params:
     """Apply ``fn(groups (G, L)) -> (G, L)`` to every leaf, or once to the whole tree (global)."""
     leaves, treedef = jax.tree.flatten(params)
     if scope == "global":
@@ -93,33 +128,59 @@ def _map_groups(fn: Any, params: Params, scope: str) -> Params:
             parts.append(out[start : start + x.size].reshape(x.shape))
             start += x.size
         return jax.tree.unflatten(treedef, parts)
-    outs = [
-        fn(_groups(_magnitude(x), scope)).reshape(jnp.shape(x)) for x in leaves
-    ]
+    outs = []
+    for x in leaves:
+        g, inverse = _groups(_magnitude(x), scope, out_axis)
+        outs.append(inverse(fn(g)))
     return jax.tree.unflatten(treedef, outs)
 
 
-def topk_mask(params: Params, *, density: Array | float, scope: str = "leaf") -> Params:
+def topk_mask(
+    params: Params,
+    *,
+    density: Array | float,
+    scope: str = "leaf",
+    out_axis: int | None = -1,
+    rule: str = "exact",
+) -> Params:
     r"""Boolean mask keeping the :math:`k = \max(1, \lfloor \text{density}\cdot n\rceil)` largest
     :math:`|x|` of each group (TIES trimming, mergekit ``magnitude``).
 
-    Ties and exact zeros follow the module's tie rule, so every group keeps exactly ``k`` entries.
-    The original TIES code keeps ``int(0.2 d) + 1`` entries plus all ties at the threshold; this
-    function keeps exactly ``k`` (mergekit's count). ``density`` may be traced.
+    ``rule="exact"``: ties and exact zeros follow the module's tie rule, so every group keeps exactly
+    ``k`` entries (mergekit's count). ``rule="original"``: the original TIES code's
+    ``topk_values_mask`` (also FusionBench's): with :math:`k' = n - \mathrm{int}(\text{density}\cdot n)`,
+    keep every entry with :math:`|x| \ge` the :math:`k'`-th smallest :math:`|x|` (``kthvalue``), i.e.
+    ``int(density n) + 1`` entries plus every tie at the threshold (all entries when :math:`k' \le 0`).
+    The count uses Python's ``int`` of the float product for a concrete ``density`` (exactly as the
+    original), ``floor`` in float32 for a traced one. ``density`` may be traced.
 
     Args:
         params: a params-like tree (one model).
         density: kept fraction in (0, 1].
-        scope: ``"leaf"``, ``"global"`` or ``"row"``.
+        scope: ``"leaf"``, ``"global"`` or ``"row"`` (one group per output unit).
+        out_axis: output-unit axis for ``scope="row"`` (module docstring).
+        rule: ``"exact"`` or ``"original"`` (see above).
     """
     check_choice("scope", scope, ("leaf", "global", "row"))
+    check_choice("rule", rule, ("exact", "original"))
     check_range("density", density, 0.0, 1.0, lo_open=True)
+    out_axis = check_out_axis(out_axis)
 
     def fn(a: Array) -> Array:
-        k = count(density, a.shape[-1], at_least_one=True)
+        n = a.shape[-1]
+        if rule == "original":
+            if is_concrete(density) and jnp.ndim(density) == 0:
+                k_small = n - int(n * float(density))
+            else:
+                k_small = n - jnp.floor(jnp.asarray(density, jnp.float32) * n).astype(jnp.int32)
+            srt = jnp.sort(a, axis=-1)
+            idx = jnp.clip(jnp.asarray(k_small) - 1, 0, n - 1)
+            thr = jnp.take(srt, idx, axis=-1)[..., None]
+            return jnp.where(jnp.asarray(k_small) <= 0, True, a >= thr)
+        k = count(density, n, at_least_one=True)
         return _rank_desc(a) < k
 
-    return _map_groups(fn, params, scope)
+    return _map_groups(fn, params, scope, out_axis)
 
 
 def breadcrumbs_mask(
@@ -128,6 +189,7 @@ def breadcrumbs_mask(
     density: Array | float,
     gamma: Array | float,
     scope: str = "row",
+    out_axis: int | None = -1,
 ) -> Params:
     r"""Model Breadcrumbs mask (Davari & Belilovsky, arXiv 2312.06795): in each group of ``n``
     entries, drop the :math:`n_{top} = \lfloor\gamma n\rceil` largest :math:`|x|` (outliers), then
@@ -139,9 +201,12 @@ def breadcrumbs_mask(
         params: a params-like tree (one model).
         density: β in (0, 1].
         gamma: γ in [0, 1).
-        scope: ``"row"`` (the authors' code: along the last axis) or ``"leaf"``.
+        scope: ``"row"`` (one group per output unit, the authors' code: rows of PyTorch ``(out, in)``
+            weights) or ``"leaf"``.
+        out_axis: output-unit axis for ``scope="row"`` (module docstring).
     """
     check_choice("scope", scope, ("row", "leaf"))
+    out_axis = check_out_axis(out_axis)
     check_range("density", density, 0.0, 1.0, lo_open=True)
     check_range("gamma", gamma, 0.0, 1.0, hi_open=True)
 
@@ -152,7 +217,7 @@ def breadcrumbs_mask(
         r = _rank_desc(a)
         return (r >= n_top) & (r < n_top + k)
 
-    return _map_groups(fn, params, scope)
+    return _map_groups(fn, params, scope, out_axis)
 
 
 def check_della(density: Array | float, epsilon: Array | float) -> None:
@@ -169,11 +234,13 @@ def check_della(density: Array | float, epsilon: Array | float) -> None:
 
 
 def della_probabilities(
-    params: Params, *, density: Array | float, epsilon: Array | float
+    params: Params, *, density: Array | float, epsilon: Array | float, out_axis: int | None = -1
 ) -> Params:
     r"""DELLA's MAGPRUNE keep probabilities (Deep et al., arXiv 2406.11617; mergekit ``della``).
 
-    Within each row (last axis; 0-D/1-D tensors are one row) entries are ranked by ascending
+    Within each output unit (``out_axis``, module docstring; mergekit ranks within ``x[i, :]`` of
+    PyTorch ``(out, in)`` weights, i.e. ``out_axis=0``; 0-D/1-D tensors are one group) entries are
+    ranked by ascending
     :math:`|x|` (ties by index), :math:`r \in \{0, \dots, n-1\}`, and
 
     .. math:: p_{keep} = (\text{density} - \epsilon) + 2\epsilon \cdot \frac{r}{n-1},
@@ -182,14 +249,15 @@ def della_probabilities(
     (a row of length 1 gets ``density``). Needs :math:`0 < \text{density} \pm \epsilon < 1`.
     """
     check_della(density, epsilon)
+    out_axis = check_out_axis(out_axis)
 
     def leaf(x: Array) -> Array:
-        g = _groups(_magnitude(x), "row")
+        g, inverse = _groups(_magnitude(x), "row", out_axis)
         n = g.shape[-1]
         r = jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1).astype(jnp.float32)
         rn = r / (n - 1) if n > 1 else jnp.full_like(r, 0.5)
         p = (density - epsilon) + 2 * epsilon * rn
-        return p.reshape(jnp.shape(x))
+        return inverse(p)
 
     return jax.tree.map(leaf, params)
 

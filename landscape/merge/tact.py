@@ -111,6 +111,7 @@ def tact(
     head: str = "expert",
     eps: float = 0.0,
     batch_size: int = 512,
+    shared: str = "error",
 ) -> list[Params]:
     r"""TACT: one corrected copy of ``merged`` per task (Sharma et al. 2024, arXiv:2410.12766).
 
@@ -136,6 +137,11 @@ def tact(
         eps: added to the merged variance (0 keeps the expert a fixed point; a unit with zero
             merged variance is only shifted).
         batch_size: batch size when an array is given.
+        shared: passed to :func:`landscape.align.repair_layers` for the default layers:
+            ``"layers"`` corrects a transformer (or ResNet) at its normalisation points — every
+            LayerNorm writing the residual stream, the query and key projections — measured at
+            each layer's output (:func:`landscape.align.trace.layer_outputs`); ``"error"``
+            (default) rejects groups without a single producing layer.
 
     Returns:
         A list of per-task params, each with the structure of ``merged``; copies differ only in the
@@ -177,18 +183,22 @@ def tact(
         msg = "tact needs spec= (or an apply_fn with a .spec) to find the layers to correct and the head"
         raise ValueError(msg)
     if layers is None:
-        layers = repair_layers(spec, merged)
+        layers = repair_layers(spec, merged, shared=shared)
     check_layers(layers, merged)
     heads = head_leaves(spec, merged) if head == "expert" else ()
-    from landscape.align.trace import with_activations
+    from landscape.align.repair import layer_taps
+    from landscape.align.trace import LayerOutputs
 
-    apply_fn = with_activations(apply_fn, spec)
+    apply_fn = layer_taps(apply_fn, spec, layers, params=merged, x=objs[0].x[:1])
+    objs = [o.replace(apply_fn=apply_fn) for o in objs]
     tapped = jax.eval_shape(lambda p, xb: apply_fn.intermediates(p, xb, kind="pre"), merged, objs[0].x[:1])
     missing = [n for n in layers if n not in tapped]
     if missing:
         msg = f"unit groups {missing} are not tapped by apply_fn.intermediates; it taps {sorted(tapped)}"
         raise ValueError(msg)
     order = tuple(n for n in tapped if n in layers)
+    if isinstance(apply_fn, LayerOutputs):
+        order = apply_fn.order(merged, objs[0].x[:1])
 
     out: list[Params] = []
     for t, (expert, obj) in enumerate(zip(experts, objs, strict=True)):

@@ -211,14 +211,19 @@ def ties(
     elect: str = "mass",
     merge: str = "mean",
     weights: Any = None,
+    trim: str = "exact",
+    out_axis: int | None = -1,
 ) -> Params:
     r"""TIES-Merging (Yadav et al., arXiv 2306.01708): trim, elect sign, disjoint merge.
 
     1. **Trim**: keep the top :math:`k=\max(1,\lfloor\text{density}\cdot n\rceil)` entries of each
        :math:`|\tau_i|` (:func:`~landscape.merge.sparsify.topk_mask`: exact count, ties by index),
        per tensor (``scope="leaf"``, mergekit) or over the whole model (``"global"``, the original
-       code and FusionBench; it keeps ``int(0.2 d)+1`` plus ties, we keep exactly ``k``) or per
-       row (``"row"``).
+       code and FusionBench) or per output unit (``"row"``, along ``out_axis``: -1 for Flax, 0 for
+       PyTorch layouts). ``trim="exact"`` keeps exactly ``k``; ``trim="original"`` reproduces the
+       original code's ``topk_values_mask`` count exactly: every entry at or above the
+       :math:`(n - \mathrm{int}(\text{density}\, n))`-th smallest magnitude, i.e. ``int(density n) + 1``
+       entries plus ties (436 of 2176 at density 0.2, where ``"exact"`` keeps 435).
     2. **Elect** and 3. **disjoint merge** as in the module docstring (``elect="mass"``,
        ``merge="mean"`` is the paper; FusionBench's default is ``merge="sum"`` with ``lam=0.3``;
        mergekit's ``ties`` is ``merge="mean"`` with weights).
@@ -230,10 +235,14 @@ def ties(
     check_choice("scope", scope, ("leaf", "global", "row"))
     check_choice("elect", elect, _ELECT)
     check_choice("merge", merge, _MERGE)
+    check_choice("trim", trim, ("exact", "original"))
     check_range("density", density, 0.0, 1.0, lo_open=True)
+    out_axis = sparsify.check_out_axis(out_axis)
     tv, m = stacked_task_vectors(finetuned, base=base)
     w = _weights(weights, m)
-    masks = jax.vmap(lambda t: sparsify.topk_mask(t, density=density, scope=scope))(tv)
+    masks = jax.vmap(
+        lambda t: sparsify.topk_mask(t, density=density, scope=scope, out_axis=out_axis, rule=trim)
+    )(tv)
     trimmed = jax.tree.map(lambda t, k: jnp.where(k, t, 0.0), tv, masks)
     merged = combine_task_vectors(trimmed, weights=w, elect=elect, merge=merge)
     return _finish(base, propagate_nonfinite(merged, tv), lam)
@@ -356,11 +365,14 @@ def breadcrumbs(
     weights: Any = None,
     elect: str = "mass",
     merge: str = "sum",
+    out_axis: int | None = -1,
 ) -> Params:
     r"""Model Breadcrumbs (Davari & Belilovsky, arXiv 2312.06795).
 
-    Per row of each tensor (the authors' code: along the last axis; ``scope="leaf"`` for whole
-    tensors as mergekit), drop the top-γ fraction of :math:`|\tau_i|` (outliers) and keep the next
+    Per output unit of each tensor (the authors' code: rows of PyTorch ``(out, in)`` weights; here
+    the unit axis is ``out_axis``, -1 for Flax ``(in, out)`` kernels, 0 for PyTorch layouts, None for
+    rows along the stored last axis; ``scope="leaf"`` for whole tensors as mergekit), drop the top-γ
+    fraction of :math:`|\tau_i|` (outliers) and keep the next
     β = ``density`` fraction (:func:`~landscape.merge.sparsify.breadcrumbs_mask`, exact counts),
     then :math:`\theta_0 + \lambda\sum_i w_i\tilde\tau_i` (``combine="task_arithmetic"``) or sign
     election + ``merge`` (``"ties"``, mergekit ``breadcrumbs_ties``). The authors tune β in
@@ -370,10 +382,11 @@ def breadcrumbs(
     check_choice("scope", scope, ("row", "leaf"))
     check_range("density", density, 0.0, 1.0, lo_open=True)
     check_range("gamma", gamma, 0.0, 1.0, hi_open=True)
+    out_axis = sparsify.check_out_axis(out_axis)
     tv, m = stacked_task_vectors(finetuned, base=base)
     w = _weights(weights, m)
     masks = jax.vmap(
-        lambda t: sparsify.breadcrumbs_mask(t, density=density, gamma=gamma, scope=scope)
+        lambda t: sparsify.breadcrumbs_mask(t, density=density, gamma=gamma, scope=scope, out_axis=out_axis)
     )(tv)
     kept = jax.tree.map(lambda t, k: jnp.where(k, t, 0.0), tv, masks)
     return _combine(kept, base, w, lam, combine, elect, merge, received=tv)
@@ -392,6 +405,8 @@ def della(
     weights: Any = None,
     elect: str = "mass",
     merge: str = "mean",
+    out_axis: int | None = -1,
+    mask: Any = None,
 ) -> Params:
     r"""DELLA-Merging (Deep et al., arXiv 2406.11617): drop (MAGPRUNE), elect, fuse.
 
@@ -401,19 +416,29 @@ def della(
     unbiased) or to the tensor's L1 norm (``"l1"``, mergekit) or not (``"none"``); then sign
     election and disjoint mean (``combine="ties"``, mergekit ``della``) or plain sum
     (``"task_arithmetic"``, mergekit ``della_linear``), scaled by λ. ``epsilon=0.15`` is mergekit's
-    default; ``density`` is tuned in the paper (no single published default).
+    default; ``density`` is tuned in the paper (no single published default). Ranks are taken
+    within each output unit along ``out_axis`` (-1: Flax ``(in, out)``; 0: PyTorch ``(out, in)``, as
+    mergekit; None: rows along the stored last axis). An explicit keep-``mask`` (stacked bool tree or
+    list of bool trees, e.g. masks recorded from mergekit) replaces the Bernoulli draw; then ``key``
+    may be None.
     """
     check_choice("rescale", rescale, _RESCALE)
     check_choice("combine", combine, _COMBINE)
     sparsify.check_della(density, epsilon)
-    if key is None:
-        msg = "della needs a PRNG key (jax.random.key) as its first argument"
+    out_axis = sparsify.check_out_axis(out_axis)
+    if key is None and mask is None:
+        msg = "della needs a PRNG key (jax.random.key) as its first argument, or an explicit mask"
         raise ValueError(msg)
     tv, m = stacked_task_vectors(finetuned, base=base)
     w = _weights(weights, m)
-    probs = jax.vmap(lambda t: sparsify.della_probabilities(t, density=density, epsilon=epsilon))(tv)
-    keys = jax.random.split(key, m)
-    keep = jax.vmap(lambda k, t, p: sparsify.bernoulli_mask(k, t, keep=p))(keys, tv, probs)
+    probs = jax.vmap(
+        lambda t: sparsify.della_probabilities(t, density=density, epsilon=epsilon, out_axis=out_axis)
+    )(tv)
+    if mask is not None:
+        keep = _stacked_mask(mask, tv, m)
+    else:
+        keys = jax.random.split(key, m)
+        keep = jax.vmap(lambda k, t, p: sparsify.bernoulli_mask(k, t, keep=p))(keys, tv, probs)
 
     def leaf(t: Array, k: Array, p: Array) -> Array:
         kept = jnp.where(k, t, 0.0)

@@ -27,7 +27,7 @@ and independent of the order tensors are visited. An explicit ``masks`` array re
 (used to compare against masks recorded from mergekit, whose torch RNG we cannot reproduce).
 
 Methods (mergekit names): ``linear`` (model soups, arXiv 2203.05482), ``slerp``, ``nuslerp``,
-``multislerp``, ``karcher`` (arXiv 2603.04972), ``task_arithmetic`` (arXiv 2212.04089), ``ties``
+``multislerp``, ``karcher`` (the Riemannian centre of mass of Karcher 1977), ``task_arithmetic`` (arXiv 2212.04089), ``ties``
 (arXiv 2306.01708), ``dare_linear`` / ``dare_ties`` (arXiv 2311.03099), ``breadcrumbs`` /
 ``breadcrumbs_ties`` (arXiv 2312.06795), ``della`` / ``della_linear`` (arXiv 2406.11617), ``sce``
 (arXiv 2408.07990), ``model_stock`` (arXiv 2403.19522), ``nearswap``, ``passthrough``.
@@ -249,7 +249,7 @@ def multislerp(
 @functools.partial(jax.jit, static_argnames=('max_iter', 'tol',))
 def karcher(tensors: Array | Sequence[Array], *, max_iter: int = 10, tol: float = 1e-5) -> Array:
     r"""mergekit ``karcher``: the Karcher (Riemannian) mean of the tensors' directions on the unit
-    sphere (arXiv 2603.04972), equal weights :math:`1/N`, times the mean norm.
+    sphere (Karcher 1977, as in mergekit), equal weights :math:`1/N`, times the mean norm.
 
     Directions of norm ≤ ``tol`` are left out of the mean (but their norms still count in the
     scale). Start from the normalised weighted mean of the units (or the first unit if that is
@@ -328,7 +328,7 @@ def model_stock(
         raise ValueError(msg)
     b = jnp.asarray(base).astype(x.dtype)
     return averaging.model_stock(
-        {"w": x}, base={"w": b}, scope="row" if filter_wise else "leaf", angle="cosine"
+        {"w": x}, base={"w": b}, scope="row" if filter_wise else "leaf", angle="cosine", out_axis=None
     )["w"]
 
 
@@ -737,7 +737,7 @@ METHODS: Mapping[str, MethodSpec] = {
             Parameter("tol", float, "shared", 1e-5, "convergence tolerance"),
         ),
         base="ignored",
-        reference="arXiv 2603.04972",
+        reference="Karcher 1977; mergekit (arXiv 2403.13257)",
     ),
     "task_arithmetic": _gta_spec("task_arithmetic", normalize=False, rescale=False, ref="arXiv 2212.04089"),
     "ties": _gta_spec("ties", normalize=True, rescale=False, ref="arXiv 2306.01708"),

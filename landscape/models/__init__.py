@@ -2,8 +2,9 @@
 
 Models: :class:`MLP`, :class:`CNN` (small VGG-style), :class:`VGG` (VGG-11/13/16/19 with a width
 multiplier; :class:`VGG11`, :class:`VGG16`), :class:`ResNet` and :class:`ResNet20` (ResNet-20 xk),
-each exporting its :class:`~landscape.align.PermutationSpec`. :func:`functional` turns any NNX module into
-``(apply_fn, params, state)`` so the rest of the toolkit sees only pytrees; :func:`build` makes a
+each exporting its :class:`~landscape.align.PermutationSpec`, and the transformers :class:`GPT` (causal
+decoder) and :class:`ViT` (:mod:`landscape.models.transformer`). :func:`functional` turns any NNX module
+into ``(apply_fn, params, state)`` so the rest of the toolkit sees only pytrees; :func:`build` makes a
 model from a name and a key for config-driven use.
 
 Example:
@@ -23,6 +24,7 @@ from landscape.models.functional import INTERMEDIATE_KINDS, FunctionalModel, fun
 from landscape.models.mlp import MLP
 from landscape.models.registry import MODELS, build, permutation_spec
 from landscape.models.resnet import ResNet, ResNet20
+from landscape.models.transformer import GPT, ViT
 
 __all__ = [
     "CNN",
@@ -31,6 +33,7 @@ __all__ = [
     "MODELS",
     "NORMS",
     "FunctionalModel",
+    "GPT",
     "ResNet",
     "ResNet20",
     "Taps",
@@ -38,6 +41,7 @@ __all__ = [
     "VGG11",
     "VGG16",
     "VGG_CONFIGS",
+    "ViT",
     "ZooModel",
     "build",
     "functional",

@@ -23,6 +23,7 @@ from landscape.models.cnn import CNN, VGG, VGG11, VGG16
 from landscape.models.functional import FunctionalModel
 from landscape.models.mlp import MLP
 from landscape.models.resnet import ResNet, ResNet20
+from landscape.models.transformer import GPT, ViT
 
 __all__ = ["MODELS", "build", "permutation_spec"]
 
@@ -34,9 +35,12 @@ MODELS: dict[str, type[nnx.Module]] = {
     "vgg": VGG,
     "vgg11": VGG11,
     "vgg16": VGG16,
+    "gpt": GPT,
+    "vit": ViT,
 }
 """Zoo models by name: ``"resnet20"`` and ``"vgg11"`` / ``"vgg16"`` are the width ladders of
-git-re-basin and REPAIR (``width_multiplier=k``); ``"vgg"`` takes ``depth=``."""
+git-re-basin and REPAIR (``width_multiplier=k``); ``"vgg"`` takes ``depth=``; ``"gpt"`` / ``"vit"`` are the
+transformers of :mod:`landscape.models.transformer`."""
 
 
 def _arguments(cls: type) -> tuple[list[str], list[str]]:
@@ -53,7 +57,8 @@ def build(name: str, key: Key, **kwargs: Any) -> nnx.Module:
     """Build a zoo model by name with its parameters drawn from ``key``.
 
     Args:
-        name: ``"mlp"``, ``"cnn"``, ``"resnet"``, ``"resnet20"``, ``"vgg"``, ``"vgg11"`` or ``"vgg16"``.
+        name: ``"mlp"``, ``"cnn"``, ``"resnet"``, ``"resnet20"``, ``"vgg"``, ``"vgg11"``, ``"vgg16"``,
+            ``"gpt"`` or ``"vit"``.
         key: a typed PRNG key (``jax.random.key(seed)``); the model's ``nnx.Rngs`` is made from it.
         **kwargs: the model's constructor arguments except ``rngs``, e.g.
             ``build("mlp", key, in_features=64, widths=(512, 512, 10))``.

@@ -183,6 +183,7 @@ def connectivity(
     label: str = "",
     stats: str | None = None,
     states: Sequence[tuple[Params, Params]] | None = None,
+    curve_alignment: str = "weight_matching",
 ) -> ConnectivityResult:
     """Barriers between independently trained pairs, naive and after alignment, REPAIR and curves.
 
@@ -207,6 +208,10 @@ def connectivity(
             statistics everywhere.
         states: ``[(state_a, state_b), ...]``, each pair's own running statistics (needed under
             ``stats="reset"``).
+        curve_alignment: which aligned B the ``"bezier_aligned"`` curve is fitted to:
+            ``"weight_matching"`` (default) or ``"activation_matching"`` — Tatro et al. 2020's
+            pipeline (arXiv 2009.02439): align hidden units by the correlation of their activations
+            on the training inputs, then fit the curve between A and the aligned B.
 
     Returns:
         :class:`ConnectivityResult` with every path, means and spreads over the pairs.
@@ -217,6 +222,9 @@ def connectivity(
         raise ValueError(msg)
     if not pairs:
         msg = "connectivity needs at least one (A, B) pair"
+        raise ValueError(msg)
+    if curve_alignment not in ("weight_matching", "activation_matching"):
+        msg = f"curve_alignment must be 'weight_matching' or 'activation_matching', got {curve_alignment!r}"
         raise ValueError(msg)
     apply_fn = objective.apply_fn if apply_fn is None else apply_fn
     spec = getattr(apply_fn, "spec", None) if spec is None else spec
@@ -281,14 +289,19 @@ def connectivity(
                 t0 = time.perf_counter()
                 singular = singular_alignment(a, b, k=singular_k, perm=perm, spec=spec).summary()
                 seconds["singular"] = time.perf_counter() - t0
-        if "activation_matching" in methods:
+        b_am = s_am = None
+        tatro = curve_alignment == "activation_matching" and "bezier_aligned" in methods
+        if "activation_matching" in methods or tatro:
             t0 = time.perf_counter()
             perm_am, _ = align.activation_matching(spec, a, b, objective, apply_fn=apply_fn)
             b_am = align.apply(spec, perm_am, b)
             s_am = align.apply_state(spec, perm_am, s_b) if mode == "reset" else None
+            am_solve = time.perf_counter() - t0
+        if "activation_matching" in methods:
+            t0 = time.perf_counter()
             paths["activation_matching"] = {s: interpolate(o, a, b_am, num=num, **bn_for(s_am))
                                             for s, o in objectives.items()}
-            seconds["activation_matching"] = time.perf_counter() - t0
+            seconds["activation_matching"] = time.perf_counter() - t0 + am_solve
         if "repair" in methods:
             t0 = time.perf_counter()
             repaired = [
@@ -299,7 +312,8 @@ def connectivity(
             paths["repair"] = {s: _evaluate_points(o, stacked, ts, mode, bn_for(s_wm)) for s, o in objectives.items()}
             seconds["repair"] = time.perf_counter() - t0
         curves = {}
-        for name, other, k, s_other in (("bezier", b, k_curve, s_b), ("bezier_aligned", b_wm, k_curve2, s_wm)):
+        aligned, s_aligned = (b_am, s_am) if tatro else (b_wm, s_wm)
+        for name, other, k, s_other in (("bezier", b, k_curve, s_b), ("bezier_aligned", aligned, k_curve2, s_aligned)):
             if name in methods:
                 t0 = time.perf_counter()
                 bn = bn_for(s_other)

@@ -45,7 +45,8 @@ def _max_delta(a, b) -> float:
 
 
 def test_every_zoo_model_is_covered():
-    assert set(ZOO) == set(models.MODELS)
+    # the transformers' specs are traced by permutation_spec() itself: tests/landscape/test_align_attention.py
+    assert set(ZOO) == set(models.MODELS) - {"gpt", "vit"}
 
 
 @pytest.mark.parametrize(("name", "extra"), [(n, {}) for n in ZOO] + VARIANTS)

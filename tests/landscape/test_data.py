@@ -369,6 +369,7 @@ def test_registry_load_and_errors():
     assert set(data.DATASETS) == {
         "digits", "mnist1d", "blobs", "moons",
         "mnist", "mnist_idx", "fashion_mnist", "cifar10", "cifar100", "arrays",
+        "stdlib_text", "text_files",
     }
     a = data.load("moons", seed=2, num_samples=50)
     b = data.moons(jax.random.key(2), num_samples=50)

@@ -168,7 +168,7 @@ def test_model_stock_k3_cosine_vs_angle_and_rows():
         np.testing.assert_allclose(got, np.asarray(base["w"]) + t * mean_tau, rtol=1e-4, atol=1e-5)
         rows = [[tau[r] for tau in taus] for r in range(3)]
         tr = ref(rows, angle)
-        got = stock(fts, base=base, angle=angle, scope="row")["w"]
+        got = stock(fts, base=base, angle=angle, scope="row", out_axis=None)["w"]
         np.testing.assert_allclose(got, np.asarray(base["w"]) + tr[:, None] * mean_tau, rtol=1e-4, atol=1e-5)
     a = stock(fts, base=base, angle="cosine")["w"]
     b = stock(fts, base=base, angle="angle")["w"]

@@ -31,7 +31,7 @@ densities = st.sampled_from([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
 @given(x=tied, density=densities)
 def test_topk_mask_exact_counts_and_tie_rule(x, density):
     for scope in ["leaf", "row"]:
-        m = np.asarray(sparsify.topk_mask({"w": jnp.asarray(x)}, density=density, scope=scope)["w"])
+        m = np.asarray(sparsify.topk_mask({"w": jnp.asarray(x)}, density=density, scope=scope, out_axis=None)["w"])
         groups = x.reshape(-1, x.shape[-1]) if scope == "row" else x.reshape(1, -1)
         mg = m.reshape(groups.shape)
         for g, mrow in zip(groups, mg):
@@ -54,7 +54,7 @@ def test_topk_mask_global_counts(a, b, density):
 @settings(max_examples=25, deadline=None)
 @given(x=tied, density=densities, gamma=st.sampled_from([0.0, 0.01, 0.1, 0.2, 0.4]))
 def test_breadcrumbs_mask_counts(x, density, gamma):
-    m = np.asarray(sparsify.breadcrumbs_mask({"w": jnp.asarray(x)}, density=density, gamma=gamma)["w"])
+    m = np.asarray(sparsify.breadcrumbs_mask({"w": jnp.asarray(x)}, density=density, gamma=gamma, out_axis=None)["w"])
     for g, mrow in zip(x.reshape(-1, x.shape[-1]), m.reshape(-1, x.shape[-1])):
         n = g.size
         n_top = _ref_count(gamma, n)
@@ -66,7 +66,7 @@ def test_breadcrumbs_mask_counts(x, density, gamma):
 
 def test_breadcrumbs_drops_outliers_keeps_next():
     x = jnp.array([[10.0, 0.1, 5.0, 0.2, 4.0, 3.0, 0.0, 2.0, 1.0, -6.0]])
-    m = sparsify.breadcrumbs_mask({"w": x}, density=0.3, gamma=0.1)["w"]
+    m = sparsify.breadcrumbs_mask({"w": x}, density=0.3, gamma=0.1, out_axis=None)["w"]
     # drop the largest |x| (10), keep the next 3: -6, 5, 4
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(m[0])), [2, 4, 9])
 
@@ -103,7 +103,7 @@ def test_exact_random_mask_counts_and_bernoulli_rate():
 
 def test_della_probabilities_formula():
     x = {"w": jnp.array([[3.0, -1.0, 0.0, 2.0, 5.0]]), "b": jnp.array(1.0)}
-    p = sparsify.della_probabilities(x, density=0.5, epsilon=0.1)
+    p = sparsify.della_probabilities(x, density=0.5, epsilon=0.1, out_axis=None)
     # ascending |x| ranks: 0 -> 0, -1 -> 1, 2 -> 2, 3 -> 3, 5 -> 4; p = 0.4 + 0.2 r / 4
     np.testing.assert_allclose(p["w"][0], [0.55, 0.45, 0.4, 0.5, 0.6], rtol=1e-6)
     np.testing.assert_allclose(p["b"], 0.5)

@@ -202,12 +202,12 @@ def test_dare_explicit_mask_and_exact_counts():
 
 def test_breadcrumbs_masks_task_vectors_per_row():
     base, fts = _setup(seed=6, m=2)
-    out = _jit(merge.breadcrumbs, fts, base=base, density=0.5, gamma=0.25, lam=1.0)
+    out = _jit(merge.breadcrumbs, fts, base=base, density=0.5, gamma=0.25, lam=1.0, out_axis=None)
     tvs = merge.task_vector(fts, base)
-    masks = [merge.sparsify.breadcrumbs_mask(t, density=0.5, gamma=0.25) for t in tvs]
+    masks = [merge.sparsify.breadcrumbs_mask(t, density=0.5, gamma=0.25, out_axis=None) for t in tvs]
     want = tree.add(base, jax.tree.map(lambda m0, m1, a, b: jnp.where(m0, a, 0) + jnp.where(m1, b, 0), *masks, *tvs))
     _close(out, want)
-    k = _jit(merge.breadcrumbs, [fts[0]], base=base, density=0.5, gamma=0.25)
+    k = _jit(merge.breadcrumbs, [fts[0]], base=base, density=0.5, gamma=0.25, out_axis=None)
     kept = np.asarray(k["dense"]["kernel"]) != np.asarray(base["dense"]["kernel"])
     # rows of 4: drop the top 1, keep the next 2
     np.testing.assert_array_equal(kept.sum(axis=-1), [2] * 5)

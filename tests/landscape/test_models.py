@@ -239,8 +239,10 @@ def test_resnet_spec_shares_stream_permutation():
 
 def test_build_errors_and_determinism():
     key = jax.random.key(0)
-    with pytest.raises(ValueError, match=r"accepted: \['cnn', 'mlp', 'resnet', 'resnet20', 'vgg', 'vgg11', 'vgg16'\]"):
-        models.build("vit", key)
+    with pytest.raises(
+        ValueError, match=r"accepted: \['cnn', 'gpt', 'mlp', 'resnet', 'resnet20', 'vgg', 'vgg11', 'vgg16', 'vit'\]"
+    ):
+        models.build("bert", key)
     with pytest.raises(ValueError, match=r"unknown \['depth'\].*optional"):
         models.build("mlp", key, in_features=4, widths=(3,), depth=2)
     with pytest.raises(ValueError, match=r"missing \['widths'\]"):

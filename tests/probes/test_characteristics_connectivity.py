@@ -51,3 +51,26 @@ def test_bad_input(setup):
         connectivity(jax.random.key(0), train, [])
     with pytest.raises(ValueError, match="need a permutation spec"):
         connectivity(jax.random.key(0), Objective(lambda p, x: fn(p, x), *ds.train), [(a, b)])
+
+
+def test_tatro_pipeline_fits_the_curve_to_the_activation_matched_model(setup):
+    """curve_alignment="activation_matching" (Tatro et al. 2020): the aligned curve ends at the
+    activation-matched B, not at the weight-matched B (the two differ for independently trained models)."""
+    ds, fn, a, b = setup
+    train = Objective(fn, *ds.train)
+    # a model trained independently: weight and activation matching disagree on some units
+    trainer = Trainer(fn, *ds.train, optimizer=make_optimizer("adam", learning_rate=3e-3), batch_size=64)
+    _, p1, st1 = models.functional(models.build("mlp", jax.random.key(5), in_features=64, widths=(16, 16, 10)))
+    other = trainer.run(jax.random.key(6), trainer.init(p1, st1), epochs=2).params
+    perm_am, _ = align.activation_matching(fn.spec, a, other, train, apply_fn=fn)
+    want = align.apply(fn.spec, perm_am, other)
+    perm_wm, _ = align.weight_matching(jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 3)[0], fn.spec,
+                                       a, other)
+    assert any(not np.array_equal(perm_wm[k], perm_am[k]) for k in perm_am)  # the test can tell them apart
+    res = connectivity(jax.random.key(0), train, [(a, other)], methods=("naive", "bezier_aligned"), num=3,
+                       curve_steps=2, singular_k=0, curve_alignment="activation_matching")
+    end = res.samples[0].curves["bezier_aligned"].path(1.0)
+    for got, ref in zip(jax.tree.leaves(end), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="curve_alignment"):
+        connectivity(jax.random.key(0), train, [(a, b)], curve_alignment="zipit")

@@ -84,7 +84,7 @@ num = 11
         ("[data]\nnoise = 0.1", r"cfg.toml: data.noise: unknown setting for data 'digits'; accepted: \['name', 'test_fraction'"),
         ("[data]\nname = 'moons'\nsplit_seed = 1", r"data.split_seed: unknown setting for data 'moons'; accepted: \[.*'seed'"),
         ("[model]\ndepth = 3", r"cfg.toml: model.depth: unknown setting for model 'mlp'; accepted: \['name', 'widths', 'activation'\]"),
-        ("[model]\nname = 'transformer'", r"cfg.toml: model.name: unknown value 'transformer'; accepted: \['cnn', 'mlp'"),
+        ("[model]\nname = 'transformer'", r"cfg.toml: model.name: unknown value 'transformer'; accepted: \['cnn', 'gpt', 'mlp'"),
         ("[model]\nname = 'cnn'\nin_channels = 3", r"model.in_channels: unknown setting for model 'cnn'"),
     ],
 )
