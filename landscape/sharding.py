@@ -351,13 +351,7 @@ def evaluate_grid(
 
 def _grid_fn(objective: Any, center: Params, dirs: tuple[Params, ...], rows: Array) -> dict[str, Array]:
     def at(c: Array) -> dict[str, Array]:
-        def leaf(x: Array, *ds: Array) -> Array:
-            y = x
-            for k, dk in enumerate(ds):
-                y = y + c[k].astype(x.dtype) * dk
-            return y.astype(x.dtype)
-
-        return objective.evaluate(jax.tree.map(leaf, center, *dirs))
+        return objective.evaluate(tree.offset(center, dirs, c))
 
     return jax.lax.map(at, rows)
 

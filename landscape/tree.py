@@ -38,6 +38,7 @@ __all__ = [
     "cosine",
     "key_name",
     "lerp",
+    "offset",
     "named_leaves",
     "nonfinite_leaves",
     "norm",
@@ -172,6 +173,19 @@ def add_scaled(a: Params, b: Params, s: Array | float) -> Params:
     check_scalar("s", s)
     check_float("add_scaled", a)
     return _map2(lambda x, y: (x + s * y).astype(x.dtype), a, b)
+
+
+def offset(center: Params, directions: Sequence[Params], coeffs: Array) -> Params:
+    """``center + Σ_k coeffs[k] · directions[k]``, leaf by leaf in each leaf's dtype: the point of a
+    plane (or line) of directions at coordinates ``coeffs`` (shape ``(len(directions),)``, may be traced)."""
+
+    def leaf(x: Array, *ds: Array) -> Array:
+        y = x
+        for k, d in enumerate(ds):
+            y = y + coeffs[k].astype(x.dtype) * d
+        return y.astype(x.dtype)
+
+    return jax.tree.map(leaf, center, *directions)
 
 
 def lerp(a: Params, b: Params, t: Array | float) -> Params:

@@ -493,13 +493,7 @@ def _evaluate_points(
     """``objective.evaluate(center + sum_k coords[i, k] d_k)`` for every row ``i`` of ``coords``."""
 
     def at(c: Array) -> dict[str, Array]:
-        def leaf(x: Array, *ds: Array) -> Array:
-            y = x
-            for k, d in enumerate(ds):
-                y = y + c[k].astype(x.dtype) * d
-            return y.astype(x.dtype)
-
-        return objective.evaluate(jax.tree.map(leaf, center, *directions))
+        return objective.evaluate(tree.offset(center, directions, c))
 
     if chunk == 1:
         return jax.lax.map(at, coords)
